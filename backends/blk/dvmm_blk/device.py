@@ -1,0 +1,188 @@
+"""The virtio-blk device: features, config space, and serving one request.
+
+Owns what the device advertises (virtio 1.2 section 5.2: feature bits and
+``struct virtio_blk_config``) and the mapping from a parsed request to a disk
+operation and a status byte.  Parsing is :mod:`.request`'s, file I/O is
+:mod:`.disk`'s, and the rings are the shared daemon's.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+from dvmm_shared.chain import ChainReader, ChainWriter, write_views
+from dvmm_shared.virtio import (
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_SECTOR_SIZE,
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VirtioBlkStatus,
+    bit,
+)
+from dvmm_shared.vhost_user.backend import VhostUserBackend
+from dvmm_shared.virtqueue import DescriptorChain
+
+from .disk import Disk
+from .request import (
+    BlkRequest,
+    BlkRequestError,
+    Discard,
+    DiskLimits,
+    Flush,
+    GetId,
+    NoStatusByteError,
+    Read,
+    Write,
+    WriteZeroes,
+    parse_request,
+    take_status,
+)
+
+log = logging.getLogger("dvmm.blk")
+
+# struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4), 60 bytes:
+# capacity, size_max, seg_max, geometry(c,h,s), blk_size, topology(4 fields),
+# writeback, unused, num_queues, max_discard_sectors, max_discard_seg,
+# discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
+# write_zeroes_may_unmap, 3 unused bytes.
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+DEFAULT_QUEUE_SIZE = 128
+SEG_MAX = DEFAULT_QUEUE_SIZE - 2  # header and status take two descriptors
+DISCARD_ALIGNMENT = 8  # sectors (4 KiB): what hole punching can honour
+
+
+@dataclass
+class BlkStats:
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    unsupported: int = 0
+
+
+class BlkDevice(VhostUserBackend):
+    """A virtio-blk device over one :class:`Disk`."""
+
+    max_queue_size = 1024
+
+    def __init__(self, disk: Disk, *, queues: int = 1, serial: str = "dvmm") -> None:
+        if queues < 1:
+            raise ValueError("a block device needs at least one queue")
+        self.disk = disk
+        self._queues = queues
+        self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
+        self.limits = DiskLimits(capacity=disk.size // VIRTIO_BLK_SECTOR_SIZE)
+        self.stats = BlkStats()
+
+    @property
+    def num_queues(self) -> int:
+        return self._queues
+
+    def features(self) -> int:
+        f = (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_EVENT_IDX)
+             | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_BLK_F_SEG_MAX)
+             | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_MQ))
+        if self.disk.read_only:
+            return f | bit(VIRTIO_BLK_F_RO)
+        return f | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+
+    def config(self) -> bytes:
+        lim = self.limits
+        return CONFIG.pack(
+            lim.capacity, 0, SEG_MAX, 0, 0, 0, VIRTIO_BLK_SECTOR_SIZE,
+            0, 0, 0, 0, 1, 0, self._queues,
+            lim.max_discard_sectors, lim.max_discard_seg, DISCARD_ALIGNMENT,
+            lim.max_write_zeroes_sectors, lim.max_write_zeroes_seg, 1,
+        )
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return self.config()[offset:offset + size]
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        log.info("ignoring a write of %d bytes to config offset %d", len(data), offset)
+
+    # -- requests -------------------------------------------------------------
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        writer = ChainWriter(chain.writable)
+        try:
+            status_buf = take_status(writer)
+        except NoStatusByteError as exc:
+            self.stats.errors += 1
+            log.warning("queue %d: %s; request dropped", queue_index, exc)
+            return 0
+        reader = ChainReader(chain.readable)
+        try:
+            req = parse_request(reader, writer, self.limits)
+            status = self.execute(req)
+        except BlkRequestError as exc:
+            status = self._refuse(queue_index, exc)
+        status_buf[0] = status
+        return writer.consumed + 1 if status == VirtioBlkStatus.OK else 1
+
+    def _refuse(self, queue_index: int, exc: BlkRequestError) -> int:
+        if exc.status_unsupported:
+            self.stats.unsupported += 1
+            log.info("queue %d: unsupported %s", queue_index, exc)
+            return VirtioBlkStatus.UNSUPP
+        self.stats.errors += 1
+        log.warning("queue %d: bad request: %s", queue_index, exc)
+        return VirtioBlkStatus.IOERR
+
+    def execute(self, req: BlkRequest) -> int:
+        """Do the I/O; returns the virtio-blk status byte."""
+        try:
+            return self._execute(req)
+        except OSError as exc:
+            self.stats.errors += 1
+            log.warning("I/O error on %s: %s", type(req).__name__, exc)
+            return VirtioBlkStatus.IOERR
+
+    def _execute(self, req: BlkRequest) -> int:
+        st, disk = self.stats, self.disk
+        if isinstance(req, Read):
+            disk.read(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+            st.reads += 1
+            st.bytes_read += sum(len(b) for b in req.bufs)
+            return VirtioBlkStatus.OK
+        if isinstance(req, GetId):
+            write_views(req.buf, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+                        [:sum(len(b) for b in req.buf)])
+            return VirtioBlkStatus.OK
+        if disk.read_only and not isinstance(req, Flush):
+            st.errors += 1
+            return VirtioBlkStatus.IOERR
+        if isinstance(req, Write):
+            disk.write(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+            st.writes += 1
+            st.bytes_written += sum(len(b) for b in req.bufs)
+        elif isinstance(req, Flush):
+            disk.flush()
+            st.flushes += 1
+        elif isinstance(req, Discard):
+            for seg in req.segments:
+                disk.discard(seg.sector * VIRTIO_BLK_SECTOR_SIZE,
+                             seg.num_sectors * VIRTIO_BLK_SECTOR_SIZE)
+            st.discards += 1
+        elif isinstance(req, WriteZeroes):
+            for seg in req.segments:
+                disk.write_zeroes(seg.sector * VIRTIO_BLK_SECTOR_SIZE,
+                                  seg.num_sectors * VIRTIO_BLK_SECTOR_SIZE, seg.unmap)
+            st.write_zeroes += 1
+        return VirtioBlkStatus.OK
+
+    def close(self) -> None:
+        self.disk.close()

@@ -1,0 +1,120 @@
+"""``dvmm backend blk``: the vhost-user-blk backend program.
+
+Owns the command line, start-up checks (the image opens, the socket can be
+bound) and the process conventions: logs on stderr, one-line errors with a
+non-zero exit, a clean exit on SIGTERM (the socket file is removed), no
+daemonizing.  Follows the vhost-user "backend program conventions"
+(``--socket-path``/``--fd``/``--print-capabilities``) so management tools
+can start it like any other vhost-user-blk program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+
+from dvmm_shared.cli import UsageError, add_logging_args, one_line, run_main, setup_logging
+from dvmm_shared.vhost_user.daemon import Daemon
+
+from .device import BlkDevice
+from .disk import DiskError, RawDisk
+
+log = logging.getLogger("dvmm.blk")
+
+DESCRIPTION = """\
+Serve a disk image to a virtual machine as a virtio-blk device over a
+vhost-user socket.  The frontend (the dvmm core, or QEMU's
+vhost-user-blk-pci) connects to the socket; guest memory, kick and call
+eventfds arrive over it, and this process does the disk I/O itself.
+"""
+
+EPILOG = """\
+example, serving QEMU:
+  dvmm backend blk --socket /tmp/blk.sock --image disk.img &
+  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=512M,share=on \\
+      -numa node,memdev=mem -chardev socket,id=c0,path=/tmp/blk.sock \\
+      -device vhost-user-blk-pci,chardev=c0 ...
+"""
+
+CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                   help="Unix socket to listen on (created; a stale socket is replaced)")
+    p.add_argument("--fd", type=int, metavar="N",
+                   help="use the already-listening Unix socket inherited as fd N")
+    p.add_argument("--image", "--blk-file", dest="image", metavar="FILE",
+                   help="raw disk image (or block device) to serve")
+    p.add_argument("--read-only", action="store_true",
+                   help="open the image read-only and advertise VIRTIO_BLK_F_RO")
+    p.add_argument("--queues", type=int, default=1, metavar="N",
+                   help="number of request queues offered (default 1)")
+    p.add_argument("--serial", default=None, metavar="ID",
+                   help="serial number returned by GET_ID (max 20 bytes; "
+                        "default: dvmm- and the image file name)")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the vhost-user capabilities as JSON and exit")
+    add_logging_args(p)
+
+
+def build_parser(prog: str = "dvmm backend blk") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES, indent=2))
+        return 0
+    if not args.image:
+        raise UsageError("--image FILE is required")
+    if bool(args.socket) == (args.fd is not None):
+        raise UsageError("give exactly one of --socket PATH or --fd N")
+    if not 1 <= args.queues <= 64:
+        raise UsageError(f"--queues must be 1..64, not {args.queues}")
+    setup_logging("dvmm-blk", args.verbose, args.quiet)
+    try:
+        disk = RawDisk(args.image, read_only=args.read_only)
+    except DiskError as exc:
+        raise UsageError(str(exc)) from None
+    serial = args.serial if args.serial is not None else default_serial(args.image)
+    device = BlkDevice(disk, queues=args.queues, serial=serial)
+    try:
+        daemon = make_daemon(device, args)
+    except OSError as exc:
+        disk.close()
+        raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
+    daemon.install_signal_handlers()
+    log.info("serving %s (%d bytes%s, %d queue%s)", args.image, disk.size,
+             ", read-only" if disk.read_only else "", args.queues,
+             "s" if args.queues > 1 else "")
+    daemon.serve_forever()
+    log.info("stopped: %s", device.stats)
+    return 0
+
+
+def make_daemon(device: BlkDevice, args: argparse.Namespace) -> Daemon:
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+        return Daemon.from_listener(device, sock)
+    return Daemon(device, args.socket)
+
+
+def default_serial(image: str) -> str:
+    return ("dvmm-" + os.path.basename(image))[:20]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main("dvmm backend blk", lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

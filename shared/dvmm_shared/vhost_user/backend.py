@@ -1,0 +1,83 @@
+"""The small interface a device implements to become a vhost-user backend.
+
+A device says what it offers (queues, virtio features, config space) and
+turns one descriptor chain into the number of bytes it wrote.  It never
+parses vhost-user messages or walks rings: :mod:`.daemon` does that and
+calls these methods.  Request/response devices (blk) only implement
+``handle_chain``; devices driven by other events (net RX) override
+``process_queue`` and use ``extra_fds``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..virtqueue import DescriptorChain, SplitQueue
+
+
+@dataclass
+class QueueStats:
+    """Counters per queue, reported by the backend's stats."""
+
+    requests: int = 0
+    bad_chains: int = 0
+    notifications: int = 0
+    kicks: int = 0
+
+
+@dataclass
+class BackendStats:
+    queues: dict[int, QueueStats] = field(default_factory=dict)
+    protocol_errors: int = 0
+    connections: int = 0
+
+    def queue(self, index: int) -> QueueStats:
+        return self.queues.setdefault(index, QueueStats())
+
+
+class VhostUserBackend(ABC):
+    """What one device backend provides."""
+
+    #: Largest ring the device accepts (SET_VRING_NUM above it is refused).
+    max_queue_size: int = 1024
+
+    @property
+    @abstractmethod
+    def num_queues(self) -> int:
+        """How many virtqueues the device has (GET_QUEUE_NUM)."""
+
+    @abstractmethod
+    def features(self) -> int:
+        """Virtio feature bits offered (VERSION_1 etc.; not PROTOCOL_FEATURES)."""
+
+    def protocol_features(self) -> int:
+        """Device-specific protocol feature bits in addition to the daemon's own."""
+        return 0
+
+    def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
+        """The features the driver acknowledged."""
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the device config space from ``offset`` (zero padded)."""
+        return bytes(size)
+
+    def set_config(self, offset: int, data: bytes) -> None:  # noqa: B027 - optional hook
+        """A driver write to the device config space."""
+
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        """Serve one request; return the number of bytes written into the chain."""
+        raise NotImplementedError(f"{type(self).__name__} does not handle chains")
+
+    def process_queue(self, queue_index: int, queue: SplitQueue,
+                      serve: Callable[[int, SplitQueue], bool]) -> bool:
+        """Drain a kicked queue.  The default hands every chain to ``handle_chain``
+        through the daemon's ``serve`` helper; returns whether anything was pushed."""
+        return serve(queue_index, queue)
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """The frontend went away or reset the device: forget per-connection state."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The daemon is exiting: release files and fds."""

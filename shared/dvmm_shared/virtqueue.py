@@ -1,0 +1,285 @@
+"""The split virtqueue, device side (virtio 1.2 section 2.7).
+
+Owns walking the rings: popping descriptor chains from the available ring
+(direct and indirect descriptors), turning their buffers into ``memoryview``
+slices of guest memory, putting used elements back, and deciding whether the
+driver wants an interrupt (EVENT_IDX ``used_event``/``avail_event`` or the
+NO_INTERRUPT / NO_NOTIFY flags).  It never does device I/O.
+
+Everything read from the rings is hostile: indices are range-checked, chains
+are capped at the queue size (loops), indirect tables are checked for size
+and nesting, and every buffer must lie inside one memory region.  A bad chain
+raises a :class:`ChainError` carrying its head so the device can return it
+and keep serving; a bad available index raises :class:`RingError` and the
+queue should be treated as broken (NEEDS_RESET).
+
+The ring position (``last_avail_idx``, ``used_idx``) is plain state here so
+that a crash-recovery mechanism (vhost-user INFLIGHT_SHMFD) can later record
+and restore it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from .memory import GuestMemory, GuestMemoryError
+from .virtio import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_DESC_SIZE,
+    VIRTQ_MAX_SIZE,
+    VIRTQ_USED_ELEM_SIZE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class QueueError(Exception):
+    """Base of everything a hostile ring can provoke."""
+
+
+class RingError(QueueError):
+    """The ring itself is inconsistent (avail index jumped, bad layout)."""
+
+
+class ChainError(QueueError):
+    """One descriptor chain is malformed; ``head`` identifies it."""
+
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(f"chain {head}: {message}")
+        self.head = head
+
+
+class DescriptorIndexError(ChainError):
+    """A descriptor index (head or ``next``) is outside the table."""
+
+
+class ChainLoopError(ChainError):
+    """The chain is longer than its table allows: a loop or a runaway chain."""
+
+
+class IndirectError(ChainError):
+    """An indirect table is misused (not negotiated, nested, bad size, with NEXT)."""
+
+
+class BufferAddressError(ChainError):
+    """A buffer does not lie entirely inside guest memory."""
+
+
+class DescriptorOrderError(ChainError):
+    """A device-readable descriptor follows a device-writable one (2.7.4.2)."""
+
+
+_fence_lock = threading.Lock()
+
+
+def memory_fence() -> None:
+    """A full memory barrier.
+
+    Python has no fence primitive; taking an uncontended lock executes a
+    locked read-modify-write, which is a full barrier on x86.  Needed between
+    publishing ``avail_event`` and re-reading the available index, the one
+    store->load ordering the split ring depends on (2.7.10).
+    """
+    with _fence_lock:
+        pass
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """2.7.10: notify iff ``event_idx`` lies in ``[old_idx, new_idx)`` (mod 2**16)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass
+class DescriptorChain:
+    """A popped chain: its head and its buffers, split by direction."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Guest-physical addresses of the three ring parts and the queue size."""
+
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+
+    def check(self) -> None:
+        n = self.size
+        if n <= 0 or n > VIRTQ_MAX_SIZE or n & (n - 1):
+            raise RingError(f"queue size {n} is not a power of two in 1..{VIRTQ_MAX_SIZE}")
+
+    @property
+    def desc_bytes(self) -> int:
+        return VIRTQ_DESC_SIZE * self.size
+
+    @property
+    def avail_bytes(self) -> int:
+        return 6 + 2 * self.size
+
+    @property
+    def used_bytes(self) -> int:
+        return 6 + VIRTQ_USED_ELEM_SIZE * self.size
+
+
+class SplitQueue:
+    """Device side of one split virtqueue."""
+
+    def __init__(self, mem: GuestMemory, layout: RingLayout, *, event_idx: bool = False,
+                 indirect: bool = True, last_avail_idx: int = 0,
+                 used_idx: int | None = None) -> None:
+        layout.check()
+        self.mem = mem
+        self.size = layout.size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        try:
+            self._desc = mem.slice(layout.desc_addr, layout.desc_bytes)
+            self._avail = mem.slice(layout.avail_addr, layout.avail_bytes)
+            self._used = mem.slice(layout.used_addr, layout.used_bytes)
+        except GuestMemoryError as exc:
+            raise RingError(f"ring not in guest memory: {exc}") from exc
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        # The used index normally equals the position we start from; a
+        # restarted backend may be told otherwise (inflight recovery).
+        self.used_idx = self.last_avail_idx if used_idx is None else used_idx & 0xFFFF
+        self._signalled_used = self.used_idx
+        self._signalled_valid = False
+
+    # -- available ring -------------------------------------------------
+    def avail_idx(self) -> int:
+        return int(_U16.unpack_from(self._avail, 2)[0])
+
+    def avail_flags(self) -> int:
+        return int(_U16.unpack_from(self._avail, 0)[0])
+
+    def used_event(self) -> int:
+        return int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
+
+    def pending(self) -> int:
+        """How many chains the driver has made available and we have not popped."""
+        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if n > self.size:
+            raise RingError(
+                f"available index moved by {n}, more than the queue size {self.size}"
+            )
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None.  Raises ChainError / RingError."""
+        if not self.pending():
+            return None
+        slot = self.last_avail_idx % self.size
+        head = int(_U16.unpack_from(self._avail, 4 + 2 * slot)[0])
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        chain = DescriptorChain(head)
+        if head >= self.size:
+            raise DescriptorIndexError(head, f"head index {head} >= queue size {self.size}")
+        addr, length, flags, nxt = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if not self.indirect:
+                raise IndirectError(head, "indirect descriptor without INDIRECT_DESC")
+            if flags & VIRTQ_DESC_F_NEXT:
+                raise IndirectError(head, "indirect descriptor with NEXT set")
+            if length == 0 or length % VIRTQ_DESC_SIZE:
+                raise IndirectError(head, f"indirect table length {length}")
+            count = length // VIRTQ_DESC_SIZE
+            if count > VIRTQ_MAX_SIZE:
+                raise IndirectError(head, f"indirect table of {count} descriptors")
+            try:
+                table = self.mem.slice(addr, length)
+            except GuestMemoryError as exc:
+                raise BufferAddressError(head, f"indirect table: {exc}") from exc
+            self._collect(chain, table, count, 0, nested=True)
+        else:
+            self._collect(chain, self._desc, self.size, head, nested=False)
+        return chain
+
+    def _collect(self, chain: DescriptorChain, table: memoryview, count: int,
+                 index: int, *, nested: bool) -> None:
+        head = chain.head
+        for _ in range(count):
+            addr, length, flags, nxt = _DESC.unpack_from(table, index * VIRTQ_DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise IndirectError(head, "indirect descriptor inside a chain or table")
+            try:
+                buf = self.mem.slice(addr, length)
+            except GuestMemoryError as exc:
+                raise BufferAddressError(head, str(exc)) from exc
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append(buf)
+            elif chain.writable:
+                raise DescriptorOrderError(head, "readable descriptor after a writable one")
+            else:
+                chain.readable.append(buf)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            if nxt >= count:
+                raise DescriptorIndexError(head, f"next index {nxt} >= table size {count}")
+            index = nxt
+        kind = "indirect table" if nested else "queue"
+        raise ChainLoopError(head, f"chain longer than the {kind} ({count} descriptors)")
+
+    def undo_pop(self) -> None:
+        """Give back the last popped chain (device ran out of resources)."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+
+    # -- used ring --------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Put ``(head, written)`` in the used ring and publish the new index."""
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * slot, head, written)
+        # x86 keeps stores in order, so the element is visible before the index.
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.used_idx)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one."""
+        memory_fence()
+        if not self.event_idx:
+            return not self.avail_flags() & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old, new = self._signalled_used, self.used_idx
+        valid = self._signalled_valid
+        self._signalled_used, self._signalled_valid = new, True
+        return not valid or vring_need_event(self.used_event(), new, old)
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick again; True if chains arrived meanwhile (2.7.10)."""
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.last_avail_idx)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        memory_fence()
+        return self.pending() > 0
+
+    def disable_notification(self) -> None:
+        """Tell the driver kicks are not needed while we are polling the ring."""
+        if not self.event_idx:
+            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    def release(self) -> None:
+        """Drop the ring views so the memory can be unmapped."""
+        for view in (self._desc, self._avail, self._used):
+            view.release()

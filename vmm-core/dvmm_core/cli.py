@@ -1,0 +1,49 @@
+"""The ``dvmm`` command: one entry point, one subcommand per program.
+
+Owns only the dispatch.  Each program keeps its own options and behaviour in
+its package (``dvmm backend blk`` is :mod:`dvmm_blk.main`, ``dvmm guest`` is
+:mod:`dvmm_core.guest.build`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dvmm_shared.cli import run_main
+
+DESCRIPTION = """\
+dvmm: a multiprocess, disaggregated KVM virtual machine monitor.  Every
+device model runs in its own vhost-user backend process that maps guest
+memory and serves its virtqueues itself.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dvmm_blk import main as blk_main
+
+    from .guest import build as guest_build
+
+    parser = argparse.ArgumentParser(prog="dvmm", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    backend = sub.add_parser("backend", help="run a device backend process",
+                             description="Run one device backend (a vhost-user server).")
+    kinds = backend.add_subparsers(dest="kind", metavar="KIND", required=True)
+    blk = kinds.add_parser("blk", help="virtio-blk backend over a disk image",
+                           description=blk_main.DESCRIPTION, epilog=blk_main.EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    blk_main.add_arguments(blk)
+    blk.set_defaults(func=blk_main.run)
+
+    guest_build.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main("dvmm", lambda: int(args.func(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
