@@ -22,6 +22,7 @@ memory and serves its virtqueues itself.
 def build_parser() -> argparse.ArgumentParser:
     from dvmm_blk import main as blk_main
 
+    from . import run
     from .guest import build as guest_build
 
     parser = argparse.ArgumentParser(prog="dvmm", description=DESCRIPTION)
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     blk.set_defaults(func=blk_main.run)
 
     guest_build.add_parser(sub)
+    run.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up dvmm on a Debian 12 machine: system packages, the virtual
+# environment at .venv/ with dvmm installed, and the cached guest artifacts.
+# Idempotent; run as root (or with sudo) because it installs Debian packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PACKAGES=(
+  python3 python3-venv
+  qemu-system-x86 qemu-utils qemu-system-gui
+  seabios ipxe-qemu
+  busybox-static cpio kmod e2fsprogs
+  iproute2 dnsmasq-base socat
+)
+
+if [ "${DVMM_SKIP_APT:-0}" != 1 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: installing system packages needs root (run with sudo, or set DVMM_SKIP_APT=1)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+# Kernel + initramfs for the Linux test guest (cached; rebuilt only when missing).
+.venv/bin/dvmm guest build
+echo "setup.sh: ready — .venv/bin/dvmm --help"

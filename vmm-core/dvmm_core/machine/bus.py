@@ -1,0 +1,95 @@
+"""Port-I/O and MMIO dispatch: which device model answers a guest access.
+
+Owns the address maps.  A device registers a range and gets accesses with
+the offset into its range; an access nobody claims reads as all ones and a
+write to it is dropped, each logged once per address so a chatty guest
+cannot flood the log.  Devices see plain integers of 1, 2, 4 (or 8 for
+MMIO) bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("dvmm.bus")
+
+
+class BusDevice(Protocol):
+    """A device model on a bus: reads return the value, writes return nothing."""
+
+    def read(self, offset: int, size: int) -> int: ...
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusError(Exception):
+    """A registration that overlaps an existing range."""
+
+
+@dataclass(frozen=True)
+class _Range:
+    base: int
+    length: int
+    device: BusDevice
+    name: str
+
+
+class Bus:
+    """An address space (port I/O or MMIO) of non-overlapping device ranges."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._ranges: list[_Range] = []
+        self._bases: list[int] = []
+        self._logged: set[tuple[str, int]] = set()
+        # vCPU threads dispatch concurrently; device models are simple and
+        # not re-entrant, so accesses are serialised per bus.
+        self.lock = threading.Lock()
+
+    def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
+        i = bisect.bisect_left(self._bases, base)
+        for r in self._ranges[max(0, i - 1):i + 1]:
+            if base < r.base + r.length and r.base < base + length:
+                raise BusError(f"{self.name}: {name or device} at {base:#x}+{length:#x} "
+                               f"overlaps {r.name} at {r.base:#x}+{r.length:#x}")
+        self._ranges.insert(i, _Range(base, length, device, name or type(device).__name__))
+        self._bases.insert(i, base)
+
+    def unregister(self, base: int) -> None:
+        i = bisect.bisect_left(self._bases, base)
+        if i < len(self._bases) and self._bases[i] == base:
+            del self._ranges[i], self._bases[i]
+
+    def find(self, addr: int) -> _Range | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr < r.base + r.length:
+                return r
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        r = self.find(addr)
+        if r is None:
+            self._log_once("read", addr, size)
+            return (1 << (8 * size)) - 1
+        with self.lock:
+            return r.device.read(addr - r.base, size) & ((1 << (8 * size)) - 1)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        r = self.find(addr)
+        if r is None:
+            self._log_once("write", addr, size, value)
+            return
+        with self.lock:
+            r.device.write(addr - r.base, size, value)
+
+    def _log_once(self, kind: str, addr: int, size: int, value: int | None = None) -> None:
+        if (kind, addr) in self._logged:
+            return
+        self._logged.add((kind, addr))
+        extra = "" if value is None else f" of {value:#x}"
+        log.debug("%s: unclaimed %d-byte %s at %#x%s", self.name, size, kind, addr, extra)

@@ -1,0 +1,75 @@
+"""The INTx pump: the one place the core watches call eventfds itself.
+
+With MSI-X enabled, a backend's call eventfd goes straight into KVM
+(irqfd).  Firmware such as SeaBIOS leaves MSI-X off, and legacy INTx needs
+the ISR register set before the line is raised, which only the core can do.
+So while a device is in INTx mode its call eventfds are watched here, on
+one thread for the whole machine, and each signal runs the device's
+callback (set ISR, raise the level-triggered line).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("dvmm.intx")
+
+
+class IntxPump:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="intx-pump", daemon=True)
+        self._thread.start()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._sel.register(fd, selectors.EVENT_READ, callback)
+        self._wake()
+
+    def unwatch(self, fd: int) -> None:
+        with self._lock:
+            try:
+                self._sel.unregister(fd)
+            except KeyError:
+                pass
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _loop(self) -> None:
+        while self._running:
+            for key, _ in self._sel.select():
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                try:
+                    os.eventfd_read(int(key.fd))  # type: ignore[arg-type]
+                except (BlockingIOError, OSError):
+                    continue
+                try:
+                    key.data()
+                except Exception:  # a device bug must not kill interrupt delivery
+                    log.exception("INTx callback failed")
+
+    def close(self) -> None:
+        self._running = False
+        self._wake()
+        self._thread.join(timeout=2)
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

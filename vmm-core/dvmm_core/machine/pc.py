@@ -1,0 +1,338 @@
+"""The PC machine: guest RAM, KVM, platform devices, PCI, backends, lifecycle.
+
+Owns putting the parts together and the machine's lifecycle:
+
+* guest RAM is one memfd mapped once in the core; the low part (below the
+  PCI hole) and the high part (from 4 GiB) become KVM slots, vhost-user
+  memory-table regions and e820 entries from the same :class:`RamLayout`;
+* a *VM instance* (KVM VM, irqchip, PIT, memory slots, vCPUs) is created at
+  start and created again on every guest reset, while RAM, device models and
+  backend processes live on;
+* events from vCPUs (reset, shutdown, crash) and from the supervisor
+  (backend exited) arrive on one queue that :meth:`Machine.run` serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dvmm_shared.memory import GuestMemory, Region, RegionSpec
+from dvmm_shared.virtio import VirtioDeviceId
+
+from ..kvm import Kvm, Vcpu, VcpuRunner, Vm
+from ..supervisor import Backend, Supervisor
+from ..vhost_user_frontend import RamRegion, VhostUserLink
+from ..virtio_pci.device import VirtioPciDevice
+from ..virtio_pci.transport import VirtioTransport
+from .bus import Bus
+from .cmos import Cmos
+from .e820 import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RamLayout
+from .fw_cfg import FwCfg
+from .intx import IntxPump
+from .irq import IrqRouter
+from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
+from .platform import DebugCon, FastA20, I8042, PostCode, ResetControl
+from .serial import Serial
+
+log = logging.getLogger("dvmm.machine")
+
+FOUR_GIB = 1 << 32
+BIOS_LOW_WINDOW = 128 * 1024
+SLOT_LOW, SLOT_HIGH, SLOT_BIOS = 0, 1, 2
+COM1_GSI = 4
+FIRST_PCI_SLOT = 2
+
+
+class MachineError(Exception):
+    """A configuration or resource problem (reported as one line)."""
+
+
+@dataclass
+class DiskSpec:
+    """A virtio-blk disk: an image for a spawned dvmm backend, or a socket."""
+
+    image: str | None = None
+    socket: str | None = None
+    read_only: bool = False
+
+
+@dataclass
+class MachineConfig:
+    memory: int = 256 << 20
+    cpus: int = 1
+    firmware: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0 reboot=k panic=1 pci=conf1"
+    disks: list[DiskSpec] = field(default_factory=list)
+    serial_sink: Callable[[bytes], None] = lambda data: None
+    firmware_log: Callable[[bytes], None] | None = None
+    hugepages: bool = False
+    backend_args: list[str] = field(default_factory=list)
+
+
+class GuestRam:
+    """The memfd and its single mapping, cut into the layout's regions."""
+
+    def __init__(self, layout: RamLayout, hugepages: bool) -> None:
+        self.layout = layout
+        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugepages else 0)
+        self.fd = os.memfd_create("dvmm-ram", flags)
+        try:
+            os.ftruncate(self.fd, layout.total)
+            whole = Region.map(RegionSpec(0, layout.total, 0, 0, self.fd))
+            # Touch nothing: pages are allocated lazily; with hugepages a
+            # missing reservation shows up as SIGBUS on first use, so check it.
+            if hugepages:
+                whole.view[0:1] = b"\0"
+        except OSError as exc:
+            os.close(self.fd)
+            raise MachineError(_ram_error(layout.total, hugepages, exc)) from None
+        self._whole = whole
+        self.host_base = _address_of(whole.view)
+        self.regions = [Region(c.guest_addr, c.size, self.host_base + c.fd_offset, c.fd_offset,
+                               whole.view[c.fd_offset:c.fd_offset + c.size], whole._mapping)
+                        for c in layout.chunks]
+        self.mem = GuestMemory(self.regions)
+
+    def ram_regions(self) -> list[RamRegion]:
+        return [RamRegion(r.guest_addr, r.size, r.user_addr, self.fd, r.mmap_offset)
+                for r in self.regions]
+
+
+def _address_of(view: memoryview) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _ram_error(size: int, hugepages: bool, exc: OSError) -> str:
+    if hugepages:
+        return (f"cannot allocate {size >> 20} MiB of hugepage-backed RAM ({exc.strerror}); "
+                "reserve hugepages first (/proc/sys/vm/nr_hugepages)")
+    return f"cannot allocate {size >> 20} MiB of guest RAM: {exc.strerror}"
+
+
+class Machine:
+    """One virtual PC."""
+
+    def __init__(self, cfg: MachineConfig) -> None:
+        self.cfg = cfg
+        self.events: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.kvm = Kvm()
+        self.layout = RamLayout(cfg.memory)
+        self.ram = GuestRam(self.layout, cfg.hugepages)
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.router = IrqRouter(None)
+        self.pump = IntxPump()
+        self.supervisor = Supervisor(on_exit=self._backend_exited)
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
+        self.runners: list[VcpuRunner] = []
+        self.bios = self._load_firmware(cfg.firmware) if cfg.firmware else None
+        self.pci = PciBus()
+        self.virtio: list[VirtioPciDevice] = []
+        self._build_platform()
+        self.fw_cfg = self._build_fw_cfg()
+        self.resets = 0
+
+    # -- construction ---------------------------------------------------------
+    def _build_platform(self) -> None:
+        self.serial = Serial(self.cfg.serial_sink, lambda level: self._irq(COM1_GSI, level))
+        self.serial.register(self.pio)
+        below = self.layout.low_size
+        self.cmos = Cmos(below, self.layout.high_size, self.cfg.cpus)
+        self.cmos.register(self.pio)
+        I8042(self._guest_reset).register(self.pio)
+        FastA20(self._guest_reset).register(self.pio)
+        ResetControl(self._guest_reset).register(self.pio)
+        DebugCon(self.cfg.firmware_log or (lambda data: None)).register(self.pio)
+        PostCode().register(self.pio)
+        self.pci.add(0, I440fxHostBridge())
+        self.pci.add(1, Piix3IsaBridge())
+        self.pci.register(self.pio)
+
+    def _build_fw_cfg(self) -> FwCfg:
+        fw = FwCfg(self.ram.mem)
+        fw.set_cpus(self.cfg.cpus)
+        fw.set_ram_size(self.cfg.memory)
+        fw.set_nographic(True)
+        fw.set_boot_menu(False)
+        e820 = b"".join(e.addr.to_bytes(8, "little") + e.size.to_bytes(8, "little")
+                        + e.kind.to_bytes(4, "little") for e in self.layout.e820(firmware=True))
+        fw.add_file("etc/e820", e820)
+        fw.add_file("etc/boot-fail-wait", (5000).to_bytes(4, "little"))
+        fw.register(self.pio)
+        return fw
+
+    def add_disk(self, disk: DiskSpec, index: int) -> None:
+        name = f"blk{index}"
+        if disk.image is not None:
+            args = ["--image", disk.image, *self.cfg.backend_args]
+            if disk.read_only:
+                args.append("--read-only")
+            backend = self.supervisor.spawn_python(name, "dvmm_blk", args)
+            self.supervisor.wait_for_socket(backend)
+            path = backend.socket
+        else:
+            assert disk.socket is not None
+            path = disk.socket
+        link = VhostUserLink(name, path, self.ram.ram_regions())
+        link.connect()
+        transport = VirtioTransport(name, link, self.router, self, self.pump)
+        device = VirtioPciDevice(VirtioDeviceId.BLOCK, transport, self.mmio)
+        self.pci.add(FIRST_PCI_SLOT + len(self.virtio), device)
+        self.virtio.append(device)
+
+    def _load_firmware(self, path: str) -> mmap.mmap:
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except OSError as exc:
+            raise MachineError(f"cannot read firmware {path}: {exc.strerror}") from None
+        if not image or len(image) % 65536 or len(image) > 16 << 20:
+            raise MachineError(f"firmware {path} is {len(image)} bytes, not a BIOS image "
+                               "(a multiple of 64 KiB up to 16 MiB)")
+        rom = mmap.mmap(-1, len(image))
+        rom.write(image)
+        return rom
+
+    # -- VM instance ----------------------------------------------------------
+    def _create_instance(self) -> None:
+        vm = self.kvm.create_vm()
+        try:
+            vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
+            vm.set_tss_addr(KVM_TSS_ADDR)
+            vm.create_irqchip()
+            vm.create_pit2(speaker_dummy=True)
+            for slot, region in zip((SLOT_LOW, SLOT_HIGH), self.ram.regions, strict=False):
+                vm.set_user_memory_region(slot, region.guest_addr, region.size,
+                                          region.user_addr)
+            if self.bios is not None:
+                self._map_bios(vm)
+            supported = self.kvm.supported_cpuid()
+            vcpus = []
+            for i in range(self.cfg.cpus):
+                vcpu = vm.create_vcpu(i)
+                vcpu.setup_cpuid(supported, self.cfg.cpus)
+                vcpus.append(vcpu)
+        except BaseException:
+            vm.close()
+            raise
+        self.vm, self.vcpus = vm, vcpus
+        self.router.attach(vm)
+        for device in self.virtio:
+            device.transport.attach_vm(self)
+        self.runners = [VcpuRunner(v, self.pio, self.mmio, self._vcpu_event) for v in vcpus]
+
+    def _map_bios(self, vm: Vm) -> None:
+        assert self.bios is not None
+        size = len(self.bios)
+        vm.set_user_memory_region(SLOT_BIOS, FOUR_GIB - size, size, _mmap_address(self.bios),
+                                  readonly=True)
+        # The last 128 KiB also appear below 1 MiB; SeaBIOS shadows them
+        # there itself (PAM writes are accepted and need no remapping because
+        # this copy is plain RAM), so refresh it from the pristine image.
+        tail = min(size, BIOS_LOW_WINDOW)
+        self.ram.mem.write(0x100000 - tail, self.bios[size - tail:size])
+
+    def _destroy_instance(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        if self.vm is not None:
+            self.vm.close()
+        self.vm, self.vcpus, self.runners = None, [], []
+
+    # -- proxies the devices use ------------------------------------------------
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        if self.vm is not None:
+            self.vm.ioeventfd(fd, addr, length, pio=pio, datamatch=datamatch, deassign=deassign)
+
+    def _irq(self, gsi: int, level: bool) -> None:
+        if self.vm is not None:
+            self.vm.irq_line(gsi, level)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self, prepare_boot: Callable[[Machine], None] | None = None) -> None:
+        for i, disk in enumerate(self.cfg.disks):
+            self.add_disk(disk, i)
+        self._create_instance()
+        if prepare_boot is not None:
+            prepare_boot(self)
+        for runner in self.runners:
+            runner.start()
+        log.info("machine started: %d MiB, %d vCPU(s), %d disk(s)",
+                 self.cfg.memory >> 20, self.cfg.cpus, len(self.virtio))
+
+    def run(self, until: Callable[[str, str], bool] | None = None) -> str:
+        """Serve machine events until shutdown/stop; returns why it ended."""
+        while True:
+            kind, detail = self.events.get()
+            if until is not None and until(kind, detail):
+                return kind
+            if kind == "reset":
+                self.reset(detail)
+            elif kind == "backend-exit":
+                continue
+            else:
+                level = logging.INFO if kind in ("stop", "shutdown") else logging.ERROR
+                log.log(level, "machine %s: %s", kind, detail)
+                return kind
+
+    def request_stop(self, why: str) -> None:
+        self.events.put(("stop", why))
+
+    def reset(self, why: str) -> None:
+        log.info("resetting the machine (%s)", why)
+        self.resets += 1
+        for runner in self.runners:
+            runner.stop()
+        # Devices first, while the old VM still exists to undo their ioeventfds.
+        self.pci.reset()
+        self.serial.reset()
+        self.cmos.reset()
+        self.fw_cfg.reset()
+        self._destroy_instance()
+        self._create_instance()
+        for runner in self.runners:
+            runner.start()
+
+    def _guest_reset(self) -> None:
+        """A reset register was written (on a vCPU thread): that vCPU must not
+        execute another instruction, as on real hardware, so it stops here."""
+        for runner in self.runners:
+            if runner._thread is threading.current_thread():
+                runner.stop()
+        self.events.put(("reset", "guest reset request"))
+
+    def _vcpu_event(self, kind: str, detail: str) -> None:
+        self.events.put((kind, detail))
+
+    def _backend_exited(self, backend: Backend) -> None:
+        self.events.put(("backend-exit", f"{backend.name} {backend.describe_exit()}"))
+
+    def shutdown(self) -> None:
+        self._destroy_instance()
+        for device in self.virtio:
+            device.transport.link.close()
+            device.transport.close()
+        self.supervisor.stop_all()
+        self.pump.close()
+        self.kvm.close()
+        os.close(self.ram.fd)
+
+
+def _mmap_address(m: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+

@@ -1,0 +1,239 @@
+"""``dvmm run``: start a virtual machine on the dvmm core.
+
+Owns the command line of the core, turning it into a :class:`MachineConfig`,
+the serial console plumbing (stdio, a file, or nothing), start-up checks
+that fail with one line (no /dev/kvm, missing files, too much memory, a
+socket nobody listens on), and the process conventions: SIGTERM/SIGINT stop
+the VM and its backends cleanly; no daemonizing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable
+
+import psutil
+
+from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
+
+from .kvm import KvmError, probe_host
+from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError
+from .supervisor import SupervisorError
+from .vhost_user_frontend import LinkDown
+
+log = logging.getLogger("dvmm.run")
+
+SEABIOS = "/usr/share/seabios/bios.bin"
+CTRL_A = 0x01
+
+DESCRIPTION = """\
+Run a virtual machine.  The core owns /dev/kvm, the vCPUs and guest RAM; each
+disk is served by its own backend process over vhost-user (a dvmm blk backend
+it starts, or any external vhost-user-blk server such as qemu-storage-daemon).
+Without --kernel the machine boots firmware (SeaBIOS), which boots the disks
+in order.
+"""
+
+EPILOG = """\
+examples:
+  dvmm run --firmware seabios --disk disk.img
+  dvmm run --disk a.img --disk b.img,read-only --cpus 2 --memory 512
+  dvmm run --vhost-user-blk /run/qsd/blk.sock
+  dvmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0" --disk root.img
+
+On a terminal the serial console is raw: press Ctrl-A then x to quit.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run a virtual machine", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--memory", "-m", type=int, default=256, metavar="MiB",
+                   help="guest RAM in MiB (default 256)")
+    p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    p.add_argument("--hugepages", action="store_true",
+                   help="back guest RAM with hugepages (MFD_HUGETLB)")
+    p.add_argument("--firmware", metavar="seabios|PATH",
+                   help="BIOS image to boot (default: Debian's SeaBIOS when no --kernel)")
+    p.add_argument("--kernel", metavar="BZIMAGE", help="boot this Linux kernel directly")
+    p.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
+    p.add_argument("--cmdline", default="console=ttyS0 reboot=k panic=1 pci=conf1",
+                   help="kernel command line for --kernel")
+    p.add_argument("--disk", action="append", default=[], metavar="IMAGE[,read-only]",
+                   help="a virtio-blk disk served by a dvmm blk backend process (repeatable)")
+    p.add_argument("--vhost-user-blk", action="append", default=[], metavar="SOCKET",
+                   help="a virtio-blk disk served by an external vhost-user backend")
+    p.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none",
+                   help="where COM1 goes (default stdio)")
+    p.add_argument("--firmware-log", metavar="FILE",
+                   help="write the firmware debug port (0x402) output to FILE")
+    add_logging_args(p)
+    p.set_defaults(func=run)
+
+
+def parse_disk(text: str) -> DiskSpec:
+    path, _, opts = text.partition(",")
+    read_only = False
+    for opt in filter(None, opts.split(",")):
+        if opt in ("read-only", "ro", "readonly=on"):
+            read_only = True
+        else:
+            raise UsageError(f"--disk {text}: unknown option {opt!r} (known: read-only)")
+    if not os.path.exists(path):
+        raise UsageError(f"--disk {path}: no such file")
+    return DiskSpec(image=os.path.abspath(path), read_only=read_only)
+
+
+def build_config(args: argparse.Namespace) -> MachineConfig:
+    if not 1 <= args.cpus <= 64:
+        raise UsageError(f"--cpus must be 1..64, not {args.cpus}")
+    if args.memory < 16:
+        raise UsageError(f"--memory must be at least 16 MiB, not {args.memory}")
+    check_memory(args.memory << 20)
+    firmware = args.firmware
+    if firmware is None and args.kernel is None:
+        firmware = "seabios"
+    if firmware == "seabios":
+        firmware = SEABIOS
+    for what, path in (("firmware", firmware), ("kernel", args.kernel),
+                       ("initrd", args.initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{what} file {path} does not exist")
+    disks = [parse_disk(d) for d in args.disk]
+    disks += [DiskSpec(socket=s) for s in args.vhost_user_blk]
+    return MachineConfig(memory=args.memory << 20, cpus=args.cpus, firmware=firmware,
+                         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
+                         disks=disks, hugepages=args.hugepages)
+
+
+def check_memory(size: int) -> None:
+    """Refuse RAM the host cannot give rather than die on the first touch."""
+    avail = psutil.virtual_memory().available + psutil.swap_memory().free
+    if size > avail:
+        raise UsageError(f"--memory {size >> 20} MiB is more than the host can give "
+                         f"({avail >> 20} MiB available)")
+
+
+def serial_sink(spec: str) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """The COM1 output function and a closer, for ``stdio``, ``file:PATH`` or ``none``."""
+    if spec == "stdio":
+        return (lambda data: _write_all(1, data)), (lambda: None)
+    if spec == "none":
+        return (lambda data: None), (lambda: None)
+    if spec.startswith("file:"):
+        try:
+            fd = os.open(spec[5:], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UsageError(f"--serial {spec}: {one_line(exc)}") from None
+        return (lambda data: _write_all(fd, data)), (lambda: os.close(fd))
+    raise UsageError(f"--serial {spec!r}: use stdio, file:PATH or none")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            continue
+        except OSError:
+            return  # console gone; the guest keeps running
+
+
+def log_sink(path: str | None) -> Callable[[bytes], None] | None:
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UsageError(f"--firmware-log {path}: {one_line(exc)}") from None
+    return lambda data: _write_all(fd, data)
+
+
+class Console:
+    """stdin -> COM1, with Ctrl-A x to quit when stdin is a terminal."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self._saved: list[object] | None = None
+        if os.isatty(0):
+            self._saved = termios.tcgetattr(0)
+            tty.setraw(0)
+        threading.Thread(target=self._loop, name="console", daemon=True).start()
+
+    def _loop(self) -> None:
+        escape = False
+        while True:
+            try:
+                data = os.read(0, 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            if self._saved is not None:
+                if escape and data[:1] == b"x":
+                    self.machine.request_stop("Ctrl-A x")
+                    return
+                escape = data[-1:] == bytes([CTRL_A])
+            self.machine.serial.feed(data)
+
+    def close(self) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("dvmm", args.verbose, args.quiet)
+    cfg = build_config(args)
+    sink, close_sink = serial_sink(args.serial)
+    cfg.serial_sink = sink
+    cfg.firmware_log = log_sink(args.firmware_log)
+    if args.kernel:
+        warn_if_no_hw_kvm()
+    machine = start_machine(cfg)
+    console = Console(machine) if args.serial == "stdio" else None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: machine.request_stop(signal.Signals(s).name))
+    try:
+        why = machine.run()
+    finally:
+        if console is not None:
+            console.close()
+        machine.shutdown()
+        close_sink()
+    log.info("stopped (%s)", why)
+    return 0 if why in ("stop", "shutdown") else 1
+
+
+def start_machine(cfg: MachineConfig, prepare: Callable[[Machine], None] | None = None
+                  ) -> Machine:
+    """Build and start the machine; every start-up failure becomes one line."""
+    from .boot.direct import prepare_linux
+
+    machine: Machine | None = None
+    try:
+        machine = Machine(cfg)
+        machine.start(prepare or (prepare_linux if cfg.kernel else None))
+        return machine
+    except (KvmError, MachineError, SupervisorError, LinkDown) as exc:
+        if machine is not None:
+            machine.shutdown()
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        if machine is not None:
+            machine.shutdown()
+        raise UsageError(one_line(exc)) from None
+
+
+def warn_if_no_hw_kvm() -> None:
+    result = probe_host()
+    if not result.hardware_speed:
+        log.warning("%s", result.reason)
+        print(f"dvmm: warning: {result.reason}", file=sys.stderr)
