@@ -22,7 +22,8 @@ memory and serves its virtqueues itself.
 def build_parser() -> argparse.ArgumentParser:
     from dvmm_blk import main as blk_main
 
-    from . import run
+    from . import demo_vm, run
+    from .boot import demo as demo_disk
     from .guest import build as guest_build
 
     parser = argparse.ArgumentParser(prog="dvmm", description=DESCRIPTION)
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     guest_build.add_parser(sub)
     run.add_parser(sub)
+    demo_vm.add_parser(sub)
+    demo_disk.add_parser(sub)
     return parser
 
 

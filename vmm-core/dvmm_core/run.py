@@ -110,7 +110,15 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
     disks += [DiskSpec(socket=s) for s in args.vhost_user_blk]
     return MachineConfig(memory=args.memory << 20, cpus=args.cpus, firmware=firmware,
                          kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-                         disks=disks, hugepages=args.hugepages)
+                         disks=disks, hugepages=args.hugepages,
+                         backend_args=backend_log_args(args))
+
+
+def backend_log_args(args: argparse.Namespace) -> list[str]:
+    """Backends log at the core's level (``-q`` quiet, ``-vv`` every message)."""
+    if args.quiet:
+        return ["-q"]
+    return ["-v"] if args.verbose > 1 else []
 
 
 def check_memory(size: int) -> None:

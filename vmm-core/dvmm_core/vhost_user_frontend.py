@@ -68,8 +68,10 @@ class QueueStart:
 class VhostUserLink:
     """One backend connection, as used by a virtio-pci device of the core."""
 
-    def __init__(self, name: str, socket_path: str, ram: Sequence[RamRegion]) -> None:
+    def __init__(self, name: str, socket_path: str, ram: Sequence[RamRegion],
+                 config_size: int = 0) -> None:
         self.name = name
+        self.config_size = config_size
         self.path = socket_path
         self.ram = list(ram)
         self.fe: Frontend | None = None
@@ -102,10 +104,13 @@ class VhostUserLink:
         return self.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
 
     def get_config(self, offset: int, size: int) -> bytes:
-        if not self.protocol & 1 << ProtocolFeature.CONFIG:
+        """Bytes of the device config space.  The whole structure is fetched
+        from offset 0, as QEMU does: some backends (libvhost-user's blk in
+        qemu-storage-daemon) ignore the offset of GET_CONFIG."""
+        if not self.protocol & 1 << ProtocolFeature.CONFIG or offset + size > self.config_size:
             return bytes(size)
         with self._guard("GET_CONFIG"):
-            return self._fe().get_config(offset, size)
+            return self._fe().get_config(0, self.config_size)[offset:offset + size]
 
     def set_config(self, offset: int, data: bytes) -> None:
         if self.protocol & 1 << ProtocolFeature.CONFIG:

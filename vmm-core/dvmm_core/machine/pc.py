@@ -47,6 +47,7 @@ BIOS_LOW_WINDOW = 128 * 1024
 SLOT_LOW, SLOT_HIGH, SLOT_BIOS = 0, 1, 2
 COM1_GSI = 4
 FIRST_PCI_SLOT = 2
+BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + pad
 
 
 class MachineError(Exception):
@@ -183,7 +184,7 @@ class Machine:
         else:
             assert disk.socket is not None
             path = disk.socket
-        link = VhostUserLink(name, path, self.ram.ram_regions())
+        link = VhostUserLink(name, path, self.ram.ram_regions(), config_size=BLK_CONFIG_SIZE)
         link.connect()
         transport = VirtioTransport(name, link, self.router, self, self.pump)
         device = VirtioPciDevice(VirtioDeviceId.BLOCK, transport, self.mmio)
