@@ -11,10 +11,18 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 
 class UsageError(Exception):
     """A problem the user can fix: printed as one line, exit status 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def setup_logging(name: str, verbose: int = 0, quiet: bool = False) -> None:

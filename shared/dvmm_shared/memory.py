@@ -134,7 +134,7 @@ class GuestMemory:
         """Translate a frontend userspace address (vhost-user rings) to guest-physical."""
         for r in self._regions:
             off = user_addr - r.user_addr
-            if 0 <= off and off + length <= r.size:
+            if off >= 0 and off + length <= r.size:
                 return r.guest_addr + off
         raise GuestMemoryError(f"user range {user_addr:#x}+{length:#x} is not in guest memory")
 

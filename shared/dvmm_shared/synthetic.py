@@ -18,6 +18,7 @@ from .eventfd import EventFd
 from .memory import GuestMemory, Region, memfd_region
 from .vhost_user.frontend import Frontend, RingSetup
 from .vhost_user.message import MemRegion, ProtocolFeature
+from .virtio import VIRTIO_F_RING_EVENT_IDX
 
 DEFAULT_PROTOCOL = (1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK
                     | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
@@ -73,12 +74,21 @@ class SyntheticVM:
         return addr
 
     def connect(self, socket_path: str, features: int, num_queues: int = 1,
-                queue_size: int = 128, event_idx: bool = False,
+                queue_size: int = 128, event_idx: bool | None = None,
                 protocol: int = DEFAULT_PROTOCOL) -> int:
-        """Connect and start ``num_queues`` rings; returns the negotiated features."""
+        """Connect and start ``num_queues`` rings; returns the negotiated features.
+
+        ``event_idx`` True/False forces VIRTIO_F_RING_EVENT_IDX in or out of
+        ``features``; None leaves ``features`` as given."""
         assert self.region is not None
+        if event_idx is not None:
+            features = (features | 1 << VIRTIO_F_RING_EVENT_IDX if event_idx
+                        else features & ~(1 << VIRTIO_F_RING_EVENT_IDX))
         fe = self.frontend = Frontend.connect(socket_path)
         acked, _ = fe.negotiate(features, protocol)
+        # The driver rings must follow what was negotiated (2.7.10): on a
+        # mismatch one side waits for notifications the other never sends.
+        event_idx = bool(acked & 1 << VIRTIO_F_RING_EVENT_IDX)
         fe.set_mem_table([MemRegion(0, self.mem_size, self.region.user_addr, 0)], [self.fd])
         for i in range(num_queues):
             layout = ring_layout(self.alloc(ring_bytes(queue_size)), queue_size)

@@ -197,7 +197,7 @@ class SplitQueue:
         chain = DescriptorChain(head)
         if head >= self.size:
             raise DescriptorIndexError(head, f"head index {head} >= queue size {self.size}")
-        addr, length, flags, nxt = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
+        addr, length, flags, _next = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
         if flags & VIRTQ_DESC_F_INDIRECT:
             if not self.indirect:
                 raise IndirectError(head, "indirect descriptor without INDIRECT_DESC")

@@ -20,7 +20,6 @@ import tty
 from collections.abc import Callable
 
 import psutil
-
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
 
 from .kvm import KvmError, probe_host
@@ -72,6 +71,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="a virtio-blk disk served by an external vhost-user backend")
     p.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none",
                    help="where COM1 goes (default stdio)")
+    p.add_argument("--kvm", default="/dev/kvm", metavar="PATH",
+                   help="the KVM device (default /dev/kvm)")
     p.add_argument("--firmware-log", metavar="FILE",
                    help="write the firmware debug port (0x402) output to FILE")
     add_logging_args(p)
@@ -111,7 +112,7 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
     return MachineConfig(memory=args.memory << 20, cpus=args.cpus, firmware=firmware,
                          kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                          disks=disks, hugepages=args.hugepages,
-                         backend_args=backend_log_args(args))
+                         backend_args=backend_log_args(args), kvm_path=args.kvm)
 
 
 def backend_log_args(args: argparse.Namespace) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,5 +190,5 @@ def _connect_retry(path: str, timeout: float) -> Connection:
             if time.monotonic() >= deadline:
                 raise LinkDown(f"nobody listens on {path}: {exc.strerror}") from None
             time.sleep(0.05)
-        except (socket.timeout, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise LinkDown(f"cannot connect to {path}: {os.strerror(exc.errno or 0)}") from None

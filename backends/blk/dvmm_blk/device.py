@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from dvmm_shared.chain import ChainReader, ChainWriter, write_views
+from dvmm_shared.vhost_user.backend import VhostUserBackend
 from dvmm_shared.virtio import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -29,7 +30,6 @@ from dvmm_shared.virtio import (
     VirtioBlkStatus,
     bit,
 )
-from dvmm_shared.vhost_user.backend import VhostUserBackend
 from dvmm_shared.virtqueue import DescriptorChain
 
 from .disk import Disk

@@ -17,7 +17,14 @@ import os
 import socket
 import sys
 
-from dvmm_shared.cli import UsageError, add_logging_args, one_line, run_main, setup_logging
+from dvmm_shared.cli import (
+    ArgumentParser,
+    UsageError,
+    add_logging_args,
+    one_line,
+    run_main,
+    setup_logging,
+)
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import BlkDevice
@@ -63,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "dvmm backend blk") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p
 

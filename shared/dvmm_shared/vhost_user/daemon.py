@@ -332,6 +332,10 @@ class Session:
                 used = ring.queue.used_idx
                 ring.base = ring.queue.last_avail_idx
                 ring.queue.release()
+                # If the ring is not in the new table, _map_queue raises: leave
+                # no released queue behind (a kick would then crash the loop);
+                # the ring idles until the frontend sets it up again.
+                ring.queue = None
                 ring.queue = self._map_queue(ring, used_idx=used)
 
     def _watch(self, ring: Vring, on: bool) -> None:
@@ -466,7 +470,10 @@ class Daemon:
                     kind, index = key.data
                     if kind == "accept":
                         session = self._accept(session)
-                    elif kind == "msg" and session is not None:
+                    elif (kind == "msg" and session is not None
+                          and key.fileobj is session.conn.sock):
+                        # (an event of a session dropped earlier in this batch
+                        # must not read from its replacement's socket)
                         session = self._on_message(session)
                     elif kind == "kick" and session is not None:
                         session.on_kick(index)

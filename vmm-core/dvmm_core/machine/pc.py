@@ -37,7 +37,7 @@ from .fw_cfg import FwCfg
 from .intx import IntxPump
 from .irq import IrqRouter
 from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
-from .platform import DebugCon, FastA20, I8042, PostCode, ResetControl
+from .platform import I8042, DebugCon, FastA20, PostCode, ResetControl
 from .serial import Serial
 
 log = logging.getLogger("dvmm.machine")
@@ -76,6 +76,7 @@ class MachineConfig:
     firmware_log: Callable[[bytes], None] | None = None
     hugepages: bool = False
     backend_args: list[str] = field(default_factory=list)
+    kvm_path: str = "/dev/kvm"
 
 
 class GuestRam:
@@ -126,7 +127,7 @@ class Machine:
     def __init__(self, cfg: MachineConfig) -> None:
         self.cfg = cfg
         self.events: queue.Queue[tuple[str, str]] = queue.Queue()
-        self.kvm = Kvm()
+        self.kvm = Kvm(cfg.kvm_path)
         self.layout = RamLayout(cfg.memory)
         self.ram = GuestRam(self.layout, cfg.hugepages)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
@@ -185,7 +186,9 @@ class Machine:
             assert disk.socket is not None
             path = disk.socket
         link = VhostUserLink(name, path, self.ram.ram_regions(), config_size=BLK_CONFIG_SIZE)
-        link.connect()
+        # A backend we started may still be creating its socket; an external
+        # one either listens already or is a configuration error.
+        link.connect(timeout=10.0 if disk.image is not None else 0.0)
         transport = VirtioTransport(name, link, self.router, self, self.pump)
         device = VirtioPciDevice(VirtioDeviceId.BLOCK, transport, self.mmio)
         self.pci.add(FIRST_PCI_SLOT + len(self.virtio), device)

@@ -1,0 +1,1 @@
+"""Unit tier: parsing, rings, protocol codec and the blk backend, hostile input included."""
