@@ -9,7 +9,7 @@ PACKAGES=(
   python3 python3-venv
   qemu-system-x86 qemu-utils qemu-system-gui
   seabios ipxe-qemu
-  busybox-static cpio kmod e2fsprogs binutils
+  busybox-static cpio kmod e2fsprogs binutils gcc libc6-dev
   iproute2 dnsmasq-base socat
 )
 

@@ -221,8 +221,6 @@ HOSTILE: list[tuple[str, Callable[[RingPair], None], type[ChainError], int]] = [
      BufferAddressError, 5),
     ("readable-after-writable", _raw((5, GOOD, 4, WRITE | NEXT, 6), (6, GOOD, 4, 0, 0)),
      DescriptorOrderError, 5),
-    ("indirect-in-chain", _raw((5, GOOD, 4, NEXT, 6), (6, GOOD, 16, INDIRECT, 0)),
-     IndirectError, 5),
     ("indirect-with-next", _indirect((GOOD, 4, 0, 0), flags=INDIRECT | NEXT), IndirectError, 5),
     ("nested-indirect", _indirect((GOOD, 16, INDIRECT, 0)), IndirectError, 5),
     ("indirect-length-0", _indirect(length=0), IndirectError, 5),

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dvmm_blk import main as blk_main
 
     from . import demo_vm, run
+    from .bench import startup
     from .boot import demo as demo_disk
     from .guest import build as guest_build
 
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     demo_vm.add_parser(sub)
     demo_disk.add_parser(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks against peers (ratios, not tests)",
+                           description="Benchmarks that run dvmm and a peer in the same "
+                           "invocation and print the ratio.")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    startup.add_parser(benches)
     return parser
 
 

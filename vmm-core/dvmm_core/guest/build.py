@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dvmm_core.guest import cpio, debian, initramfs, kernel
+from dvmm_core.guest import cpio, debian, initramfs, kernel, tools
 from dvmm_core.guest.debian import GuestBuildError
 
 Log = Callable[[str], object]
@@ -87,7 +87,8 @@ def cache_key(version: str) -> str:
     out the archive (so editing it cannot leave a stale initramfs behind).
     """
     h = hashlib.sha256(f"{BUILD_FORMAT}\0{version}\0".encode())
-    for part in (init_script(), "\0".join(GUEST_MODULES).encode(), *_layout_sources()):
+    for part in (init_script(), "\0".join(GUEST_MODULES).encode(), *_layout_sources(),
+                 *tools.sources()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -217,6 +218,7 @@ def _stage_root(kroot: Path, version: str, busybox: Path, root: Path, log: Log) 
     initramfs.copy_modules(index, index.closure(wanted), dest_moddir)
     initramfs.run_depmod(root, version, busybox)
     initramfs.install_init(root, init_script(), wanted)
+    tools.install_tools(root)
     return root
 
 

@@ -37,10 +37,11 @@ while read -r mod; do
 done </etc/dvmm/modules
 ip link set lo up
 
-# busybox udhcpc only reports a lease; this hook applies it
-# (udhcpc exports interface, ip, mask = prefix length, router, dns).
-mkdir -p /usr/share/udhcpc
-cat >/usr/share/udhcpc/default.script <<'EOF'
+# busybox udhcpc only reports a lease; this hook applies it (udhcpc exports
+# interface, ip, mask = prefix length, router, dns).  Debian's busybox looks
+# for it in /etc/udhcpc, upstream's in /usr/share/udhcpc.
+mkdir -p /etc/udhcpc /usr/share/udhcpc
+cat >/etc/udhcpc/default.script <<'EOF'
 #!/bin/sh
 case "$1" in
 deconfig)
@@ -56,7 +57,8 @@ bound|renew)
 esac
 exit 0
 EOF
-chmod 755 /usr/share/udhcpc/default.script
+chmod 755 /etc/udhcpc/default.script
+ln -s /etc/udhcpc/default.script /usr/share/udhcpc/default.script
 
 exec </dev/ttyS0 >/dev/ttyS0 2>&1
 stty raw -echo

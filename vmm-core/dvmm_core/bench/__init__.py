@@ -1,0 +1,1 @@
+"""Benchmarks: dvmm against a peer measured in the same run, printed as ratios."""
