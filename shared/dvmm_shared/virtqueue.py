@@ -197,25 +197,26 @@ class SplitQueue:
         chain = DescriptorChain(head)
         if head >= self.size:
             raise DescriptorIndexError(head, f"head index {head} >= queue size {self.size}")
-        addr, length, flags, _next = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
-        if flags & VIRTQ_DESC_F_INDIRECT:
-            if not self.indirect:
-                raise IndirectError(head, "indirect descriptor without INDIRECT_DESC")
-            if flags & VIRTQ_DESC_F_NEXT:
-                raise IndirectError(head, "indirect descriptor with NEXT set")
-            if length == 0 or length % VIRTQ_DESC_SIZE:
-                raise IndirectError(head, f"indirect table length {length}")
-            count = length // VIRTQ_DESC_SIZE
-            if count > VIRTQ_MAX_SIZE:
-                raise IndirectError(head, f"indirect table of {count} descriptors")
-            try:
-                table = self.mem.slice(addr, length)
-            except GuestMemoryError as exc:
-                raise BufferAddressError(head, f"indirect table: {exc}") from exc
-            self._collect(chain, table, count, 0, nested=True)
-        else:
-            self._collect(chain, self._desc, self.size, head, nested=False)
+        self._collect(chain, self._desc, self.size, head, nested=False)
         return chain
+
+    def _indirect_table(self, chain: DescriptorChain, addr: int, length: int,
+                        flags: int) -> tuple[memoryview, int]:
+        """Check an INDIRECT descriptor and map its table (2.7.5.3)."""
+        head = chain.head
+        if not self.indirect:
+            raise IndirectError(head, "indirect descriptor without INDIRECT_DESC")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise IndirectError(head, "indirect descriptor with NEXT set")
+        if length == 0 or length % VIRTQ_DESC_SIZE:
+            raise IndirectError(head, f"indirect table length {length}")
+        count = length // VIRTQ_DESC_SIZE
+        if count > VIRTQ_MAX_SIZE:
+            raise IndirectError(head, f"indirect table of {count} descriptors")
+        try:
+            return self.mem.slice(addr, length), count
+        except GuestMemoryError as exc:
+            raise BufferAddressError(head, f"indirect table: {exc}") from exc
 
     def _collect(self, chain: DescriptorChain, table: memoryview, count: int,
                  index: int, *, nested: bool) -> None:
@@ -223,7 +224,13 @@ class SplitQueue:
         for _ in range(count):
             addr, length, flags, nxt = _DESC.unpack_from(table, index * VIRTQ_DESC_SIZE)
             if flags & VIRTQ_DESC_F_INDIRECT:
-                raise IndirectError(head, "indirect descriptor inside a chain or table")
+                # 2.7.5.3.2: zero or more direct descriptors may be followed by
+                # one indirect descriptor, which ends the chain; tables do not nest.
+                if nested:
+                    raise IndirectError(head, "indirect descriptor inside an indirect table")
+                sub, sub_count = self._indirect_table(chain, addr, length, flags)
+                self._collect(chain, sub, sub_count, 0, nested=True)
+                return
             try:
                 buf = self.mem.slice(addr, length)
             except GuestMemoryError as exc:

@@ -449,10 +449,12 @@ def test_an_ap_runs_after_init_and_sipi(machine_factory: Callable[..., Machine])
     wait_until(lambda: thread_state(ap_runner) == "S")
     m.start(bsp)
     assert m.ports.wait_write(0x13) == 0xAA
+    m.ports.wait_write(0x10)
     assert m.ports.by_thread["vcpu1"] == [(0x13, 0xAA)]
-    assert ap.get_mp_state() in (k.KVM_MP_STATE_HALTED, k.KVM_MP_STATE_RUNNABLE)
+    # vCPU ioctls wait for the vCPU's mutex, which KVM_RUN holds: stop first.
     for runner in m.runners:
         runner.stop()
+    assert ap.get_mp_state() in (k.KVM_MP_STATE_HALTED, k.KVM_MP_STATE_RUNNABLE)
     assert m.events.empty()
 
 

@@ -306,3 +306,33 @@ def test_every_chain_error_is_a_queue_error() -> None:
                 DescriptorOrderError):
         assert issubclass(cls, ChainError) and issubclass(cls, QueueError)
     assert issubclass(RingError, QueueError) and not issubclass(RingError, ChainError)
+
+
+def test_direct_descriptors_followed_by_one_indirect() -> None:
+    """2.7.5.3.2: the device MUST handle zero or more chained descriptors
+    followed by a single INDIRECT descriptor."""
+    rp = ring_pair()
+    header = Buf(rp.alloc(8, b"header!!"), 8)
+    inner = [Buf(rp.alloc(4, b"data"), 4), Buf(rp.alloc(16), 16, write=True)]
+    table = rp.alloc(16 * len(inner))
+    for i, b in enumerate(inner):
+        flags = (WRITE if b.write else 0) | (NEXT if i + 1 < len(inner) else 0)
+        rp.mem.write(table + 16 * i, struct.pack("<QIHH", b.addr, b.length, flags, i + 1))
+    rp.driver.write_desc(0, header.addr, 8, NEXT, 1)
+    rp.driver.write_desc(1, table, 16 * len(inner), INDIRECT, 0)
+    rp.driver.publish(0)
+    chain = rp.device.pop()
+    assert chain is not None and chain.head == 0
+    assert [bytes(v) for v in chain.readable] == [b"header!!", b"data"]
+    assert [len(v) for v in chain.writable] == [16]
+
+
+def test_indirect_inside_an_indirect_table_is_refused() -> None:
+    rp = ring_pair()
+    inner_table = rp.alloc(16)
+    table = rp.alloc(16)
+    rp.mem.write(table, struct.pack("<QIHH", inner_table, 16, INDIRECT, 0))
+    rp.driver.write_desc(0, table, 16, INDIRECT, 0)
+    rp.driver.publish(0)
+    with pytest.raises(IndirectError, match="inside an indirect table"):
+        rp.device.pop()

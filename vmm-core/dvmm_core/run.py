@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import termios
 import threading
 import tty
@@ -245,4 +244,3 @@ def warn_if_no_hw_kvm() -> None:
     result = probe_host()
     if not result.hardware_speed:
         log.warning("%s", result.reason)
-        print(f"dvmm: warning: {result.reason}", file=sys.stderr)

@@ -194,9 +194,8 @@ class Session:
         regions = decode_mem_table(msg.payload)
         if len(msg.fds) != len(regions):
             raise MessageError(f"memory table: {len(regions)} regions but {len(msg.fds)} fds")
-        self.mem = GuestMemory.from_specs(r.spec(fd) for r, fd in zip(regions, msg.fds,
-                                                                      strict=True))
-        self._remap_rings()
+        self._install_memory(GuestMemory.from_specs(
+            r.spec(fd) for r, fd in zip(regions, msg.fds, strict=True)))
 
     def _add_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
@@ -206,15 +205,17 @@ class Session:
         try:
             if len(self.mem) >= MAX_MEM_SLOTS:
                 raise RequestFailed(f"all {MAX_MEM_SLOTS} memory slots are in use")
-            self.mem.add(Region.map(region.spec(fd)))
+            mem = GuestMemory(self.mem)
+            mem.add(Region.map(region.spec(fd)))
         finally:
             os.close(fd)
-        self._remap_rings()
+        self._install_memory(mem)
 
     def _rem_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
-        self.mem.remove(region.guest_addr, region.size)
-        self._remap_rings()
+        mem = GuestMemory(self.mem)
+        mem.remove(region.guest_addr, region.size)
+        self._install_memory(mem)
 
     # -- rings ----------------------------------------------------------------
     def _ring(self, index: int) -> Vring:
@@ -298,7 +299,8 @@ class Session:
         if ring.enabled:
             self.service(ring)
 
-    def _map_queue(self, ring: Vring, used_idx: int | None = None) -> SplitQueue:
+    def _map_queue(self, ring: Vring, used_idx: int | None = None,
+                   base: int | None = None) -> SplitQueue:
         assert ring.addr is not None
         a = ring.addr
         try:
@@ -311,7 +313,8 @@ class Session:
         except GuestMemoryError as exc:
             raise RequestFailed(f"ring {ring.index}: {exc}") from exc
         return SplitQueue(
-            self.mem, layout, last_avail_idx=ring.base, used_idx=used_idx,
+            self.mem, layout, last_avail_idx=ring.base if base is None else base,
+            used_idx=used_idx,
             event_idx=bool(self.features & 1 << VIRTIO_F_RING_EVENT_IDX),
             indirect=bool(self.features & 1 << VIRTIO_F_RING_INDIRECT_DESC),
         )
@@ -325,18 +328,23 @@ class Session:
             self._watch(ring, False)
         ring.state = RingState.STOPPED
 
-    def _remap_rings(self) -> None:
-        """New memory table: started rings re-translate, keeping their position."""
-        for ring in self.vrings:
-            if ring.state is RingState.STARTED and ring.queue is not None:
-                used = ring.queue.used_idx
-                ring.base = ring.queue.last_avail_idx
-                ring.queue.release()
-                # If the ring is not in the new table, _map_queue raises: leave
-                # no released queue behind (a kick would then crash the loop);
-                # the ring idles until the frontend sets it up again.
-                ring.queue = None
-                ring.queue = self._map_queue(ring, used_idx=used)
+    def _install_memory(self, mem: GuestMemory) -> None:
+        """Switch to a new memory table, all or nothing: every started ring is
+        re-translated in it first (keeping its position); if one does not fit,
+        the old table and rings stay and the request fails."""
+        old, self.mem = self.mem, mem
+        started = [(r, r.queue) for r in self.vrings
+                   if r.state is RingState.STARTED and r.queue is not None]
+        try:
+            remapped = [self._map_queue(r, used_idx=q.used_idx, base=q.last_avail_idx)
+                        for r, q in started]
+        except (RequestFailed, QueueError):
+            self.mem = old
+            raise
+        for (ring, queue), new in zip(started, remapped, strict=True):
+            ring.base = queue.last_avail_idx
+            queue.release()
+            ring.queue = new
 
     def _watch(self, ring: Vring, on: bool) -> None:
         if ring.kick is None:

@@ -62,8 +62,8 @@ def measure(argv: list[str], timeout: float = 120.0) -> Sample:
     first = None
     try:
         while DONE not in seen:
-            if time.monotonic() - start > timeout or not sel.select(timeout=1.0) and \
-                    proc.poll() is not None:
+            if time.monotonic() - start > timeout or (not sel.select(timeout=1.0) and \
+                    proc.poll() is not None):
                 raise RuntimeError(f"{argv[0]} did not finish: {seen[-300:]!r}")
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:

@@ -103,7 +103,13 @@ _RUN_SIZE = ctypes.sizeof(KvmRun)
 
 
 class Vcpu:
-    """One vCPU fd and its run page (created by ``Vm.create_vcpu``)."""
+    """One vCPU fd and its run page (created by ``Vm.create_vcpu``).
+
+    Every vCPU ioctl takes the vCPU's mutex, which KVM_RUN holds for as long
+    as the guest runs: reading or setting state from another thread blocks
+    until the vCPU exits — forever for a halted vCPU with the in-kernel
+    irqchip.  Stop the runner (``VcpuRunner.stop``) before touching state.
+    """
 
     def __init__(self, vm: Vm, fd: int, index: int, mmap_size: int) -> None:
         self.vm = vm

@@ -58,7 +58,7 @@ class IntxPump:
                         pass
                     continue
                 try:
-                    os.eventfd_read(int(key.fd))  # type: ignore[arg-type]
+                    os.eventfd_read(int(key.fd))
                 except (BlockingIOError, OSError):
                     continue
                 try:
