@@ -18,7 +18,7 @@ from dvmm_shared.driver import Buf
 from dvmm_shared.memory import memfd_region
 from dvmm_shared.synthetic import SyntheticVM
 from dvmm_shared.vhost_user.connection import MAX_FDS, Connection
-from dvmm_shared.vhost_user.frontend import FrontendError, RingSetup
+from dvmm_shared.vhost_user.frontend import FrontendError
 from dvmm_shared.vhost_user.message import (
     HEADER,
     VHOST_USER_F_PROTOCOL_FEATURES,
