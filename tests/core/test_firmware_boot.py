@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from corevm import CoreVM, wait_until
+from corevm import CoreVM, dvmm_argv, wait_until
 from dvmm_core.boot.demo import DemoDisk, make_demo_disk, parse_demo_output
 
 SECTORS = 2048  # 1 MiB, the acceptance minimum
@@ -104,3 +104,37 @@ def test_firmware_backend_sigkill_core_survives(tmp_path: Path) -> None:
         time.sleep(2)  # the core must still be alive some time after the loss
         assert vm.proc is not None and vm.proc.poll() is None, vm.diagnostics()
         assert vm.stop() == 0
+
+
+@pytest.fixture
+def hugepages() -> Iterator[None]:
+    """Reserve 2 MiB hugepages for one test (root), restoring the old count."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    old = knob.read_text().strip()
+    try:
+        knob.write_text("96")
+    except OSError as exc:
+        pytest.skip(f"cannot reserve hugepages: {exc}")
+    try:
+        yield
+    finally:
+        knob.write_text(old)
+
+
+def test_firmware_boots_with_hugepage_backed_ram(tmp_path: Path, demo: DemoDisk,
+                                                  hugepages: None) -> None:
+    with CoreVM(tmp_path, ["--hugepages", "--memory", "128", "--disk", str(demo.path)]) as vm:
+        assert_checksum(vm, demo)
+        assert vm.stop() == 0
+
+
+def test_hugepages_without_a_reservation_is_a_one_line_error(tmp_path: Path,
+                                                            demo: DemoDisk) -> None:
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    if int(knob.read_text()) != 0:
+        pytest.skip("hugepages are reserved on this host; the error path needs none")
+    out = subprocess.run(dvmm_argv("run", "-q", "--hugepages", "--disk", str(demo.path)),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "free hugepages" in out.stderr and "nr_hugepages" in out.stderr

@@ -310,6 +310,10 @@ _INTERNAL_ERRORS = {
     KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
     KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit",
 }
+# Synchronous faults must stay deliverable; SIGUSR1 is the kick.
+_VCPU_BLOCKED_SIGNALS = set(signal.valid_signals()) - {
+    signal.SIGUSR1, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+    signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS}
 _kick_lock = threading.Lock()
 _kick_installed = False
 
@@ -359,6 +363,10 @@ class VcpuRunner:
     one ``on_event(kind, detail)`` call made on the vCPU thread; ``kind`` is
     ``"shutdown"``, ``"reset"``, ``"crash"`` or ``"error"``.  A runner can be
     started again after it ended (the machine does that after a reset).
+
+    ``on_event`` may stop its own runner, but should hand anything that stops
+    *other* runners to another thread: two vCPU threads stopping each other
+    from their callbacks would wait on each other forever.
     """
 
     def __init__(self, vcpu: Vcpu, pio: IoBus, mmio: IoBus, on_event: EventCallback) -> None:
@@ -425,6 +433,10 @@ class VcpuRunner:
     # --- the loop -------------------------------------------------------------
 
     def _main(self) -> None:
+        # Leave process-directed signals (SIGTERM, SIGINT, SIGCHLD...) to the
+        # main thread: one delivered here would only interrupt KVM_RUN, and
+        # Python would not wake a main thread blocked in a syscall.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _VCPU_BLOCKED_SIGNALS)
         try:
             event = self._loop()
         except Exception as exc:  # a device model bug must not vanish with the thread

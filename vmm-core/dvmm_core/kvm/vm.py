@@ -142,7 +142,7 @@ class Vm:
 
     @staticmethod
     def default_routes() -> list[IrqchipRoute]:
-        """KVM's routing after CREATE_IRQCHIP (linux arch/x86/kvm/irq_comm.c):
+        """KVM's routing after CREATE_IRQCHIP (linux arch/x86/kvm, default_routing):
         GSI 0-15 to IOAPIC pin n and PIC pin n%8, GSI 16-23 to the IOAPIC only."""
         routes = []
         for gsi in range(IOAPIC_PINS):

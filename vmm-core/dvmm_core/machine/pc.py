@@ -84,15 +84,13 @@ class GuestRam:
 
     def __init__(self, layout: RamLayout, hugepages: bool) -> None:
         self.layout = layout
+        if hugepages:
+            check_hugepages(layout.total)
         flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugepages else 0)
         self.fd = os.memfd_create("dvmm-ram", flags)
         try:
             os.ftruncate(self.fd, layout.total)
             whole = Region.map(RegionSpec(0, layout.total, 0, 0, self.fd))
-            # Touch nothing: pages are allocated lazily; with hugepages a
-            # missing reservation shows up as SIGBUS on first use, so check it.
-            if hugepages:
-                whole.view[0:1] = b"\0"
         except OSError as exc:
             os.close(self.fd)
             raise MachineError(_ram_error(layout.total, hugepages, exc)) from None
@@ -106,6 +104,28 @@ class GuestRam:
     def ram_regions(self) -> list[RamRegion]:
         return [RamRegion(r.guest_addr, r.size, r.user_addr, self.fd, r.mmap_offset)
                 for r in self.regions]
+
+
+def check_hugepages(size: int, meminfo: str = "/proc/meminfo") -> None:
+    """Refuse up front what would otherwise be a SIGBUS on the first touch of
+    a hugetlb page nobody reserved."""
+    fields: dict[str, int] = {}
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) if rest.split() else 0
+    except (OSError, ValueError) as exc:
+        raise MachineError(f"cannot read {meminfo}: {exc}") from None
+    page = fields.get("Hugepagesize", 0) * 1024
+    free = fields.get("HugePages_Free", 0) * page
+    if page == 0 or size % page:
+        raise MachineError(f"guest RAM of {size >> 20} MiB is not a multiple of the "
+                           f"{page >> 10} KiB hugepage size")
+    if free < size:
+        raise MachineError(
+            f"--hugepages needs {size // page} free hugepages of {page >> 10} KiB, the host has "
+            f"{free // page} (reserve them in /proc/sys/vm/nr_hugepages)")
 
 
 def _address_of(view: memoryview) -> int:
