@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import termios
 import threading
@@ -22,13 +23,14 @@ import psutil
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
 
 from .kvm import KvmError, probe_host
-from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError
+from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
 from .supervisor import SupervisorError
 from .vhost_user_frontend import LinkDown
 
 log = logging.getLogger("dvmm.run")
 
 SEABIOS = "/usr/share/seabios/bios.bin"
+MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 CTRL_A = 0x01
 
 DESCRIPTION = """\
@@ -44,6 +46,7 @@ examples:
   dvmm run --firmware seabios --disk disk.img
   dvmm run --disk a.img --disk b.img,read-only --cpus 2 --memory 512
   dvmm run --vhost-user-blk /run/qsd/blk.sock
+  dvmm run --net tap=tap0,mac=52:54:00:12:34:56       (iPXE network boot)
   dvmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0" --disk root.img
 
 On a terminal the serial console is raw: press Ctrl-A then x to quit.
@@ -68,6 +71,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="a virtio-blk disk served by a dvmm blk backend process (repeatable)")
     p.add_argument("--vhost-user-blk", action="append", default=[], metavar="SOCKET",
                    help="a virtio-blk disk served by an external vhost-user backend")
+    p.add_argument("--net", action="append", default=[],
+                   metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N]",
+                   help="a virtio-net NIC served by a dvmm net backend on a TAP device or "
+                        "a VM-to-VM peer link, or by an external vhost-user-net socket")
     p.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none",
                    help="where COM1 goes (default stdio)")
     p.add_argument("--kvm", default="/dev/kvm", metavar="PATH",
@@ -91,6 +98,26 @@ def parse_disk(text: str) -> DiskSpec:
     return DiskSpec(image=os.path.abspath(path), read_only=read_only)
 
 
+def parse_net(text: str) -> NetSpec:
+    spec = NetSpec()
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise UsageError(f"--net {text}: expected KEY=VALUE, got {item!r}")
+        if key in ("tap", "peer", "socket", "mac"):
+            setattr(spec, key, value)
+        elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
+            spec.queues = int(value)
+        else:
+            raise UsageError(f"--net {text}: bad option {item!r} "
+                             "(known: tap=, peer=, socket=, mac=, queues=1..16)")
+    if sum(x is not None for x in (spec.tap, spec.peer, spec.socket)) != 1:
+        raise UsageError(f"--net {text}: give exactly one of tap=, peer= or socket=")
+    if spec.mac is not None and not MAC.fullmatch(spec.mac):
+        raise UsageError(f"--net {text}: {spec.mac!r} is not a MAC address")
+    return spec
+
+
 def build_config(args: argparse.Namespace) -> MachineConfig:
     if not 1 <= args.cpus <= 64:
         raise UsageError(f"--cpus must be 1..64, not {args.cpus}")
@@ -108,9 +135,10 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
             raise UsageError(f"{what} file {path} does not exist")
     disks = [parse_disk(d) for d in args.disk]
     disks += [DiskSpec(socket=s) for s in args.vhost_user_blk]
+    nets = [parse_net(n) for n in args.net]
     return MachineConfig(memory=args.memory << 20, cpus=args.cpus, firmware=firmware,
                          kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-                         disks=disks, hugepages=args.hugepages,
+                         disks=disks, nets=nets, hugepages=args.hugepages,
                          backend_args=backend_log_args(args), kvm_path=args.kvm)
 
 

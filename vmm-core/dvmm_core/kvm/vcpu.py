@@ -394,6 +394,12 @@ class VcpuRunner:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def is_current_thread(self) -> bool:
+        """True when called on this runner's vCPU thread (e.g. from a device
+        model serving one of its exits)."""
+        return self._thread is not None and self._thread is threading.current_thread()
+
+    @property
     def native_id(self) -> int | None:
         """The kernel thread ID of the vCPU thread (for /proc and psutil)."""
         return self._thread.native_id if self._thread is not None else None
@@ -415,7 +421,7 @@ class VcpuRunner:
         self._stopping = True
         self.vcpu.immediate_exit = True
         thread = self._thread
-        if thread is None or thread is threading.current_thread():
+        if thread is None or self.is_current_thread:
             return
         # Re-signal until it is gone: one signal could land while the thread is
         # between exits in Python, where it only interrupts a blocking syscall.

@@ -18,7 +18,6 @@ import logging
 import mmap
 import os
 import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +46,8 @@ BIOS_LOW_WINDOW = 128 * 1024
 SLOT_LOW, SLOT_HIGH, SLOT_BIOS = 0, 1, 2
 COM1_GSI = 4
 FIRST_PCI_SLOT = 2
+NET_CONFIG_SIZE = 12  # mac, status, max_virtqueue_pairs, mtu (virtio 1.2 5.1.4)
+PXE_VIRTIO_ROM = "/usr/lib/ipxe/qemu/pxe-virtio.rom"
 BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + pad
 
 
@@ -64,6 +65,22 @@ class DiskSpec:
 
 
 @dataclass
+class NetSpec:
+    """A virtio-net NIC: a dvmm net backend on a TAP or a VM-to-VM peer link,
+    or an external vhost-user-net socket."""
+
+    tap: str | None = None
+    peer: str | None = None
+    socket: str | None = None
+    mac: str | None = None
+    queues: int = 1
+
+
+def default_mac(index: int) -> str:
+    return f"52:54:00:12:34:{0x56 + index:02x}"
+
+
+@dataclass
 class MachineConfig:
     memory: int = 256 << 20
     cpus: int = 1
@@ -72,6 +89,8 @@ class MachineConfig:
     initrd: str | None = None
     cmdline: str = "console=ttyS0 reboot=k panic=1 pci=conf1"
     disks: list[DiskSpec] = field(default_factory=list)
+    nets: list[NetSpec] = field(default_factory=list)
+    net_rom: str | None = PXE_VIRTIO_ROM
     serial_sink: Callable[[bytes], None] = lambda data: None
     firmware_log: Callable[[bytes], None] | None = None
     hugepages: bool = False
@@ -160,6 +179,7 @@ class Machine:
         self.bios = self._load_firmware(cfg.firmware) if cfg.firmware else None
         self.pci = PciBus()
         self.virtio: list[VirtioPciDevice] = []
+        self._roms: set[str] = set()
         self._build_platform()
         self.fw_cfg = self._build_fw_cfg()
         self.resets = 0
@@ -194,25 +214,56 @@ class Machine:
         return fw
 
     def add_disk(self, disk: DiskSpec, index: int) -> None:
-        name = f"blk{index}"
-        if disk.image is not None:
-            args = ["--image", disk.image, *self.cfg.backend_args]
-            if disk.read_only:
-                args.append("--read-only")
-            backend = self.supervisor.spawn_python(name, "dvmm_blk", args)
+        args = ["--image", disk.image] if disk.image is not None else []
+        if disk.read_only:
+            args.append("--read-only")
+        self._add_vhost_device(f"blk{index}", VirtioDeviceId.BLOCK, "dvmm_blk", args,
+                               disk.socket, BLK_CONFIG_SIZE)
+
+    def add_net(self, net: NetSpec, index: int) -> None:
+        args = ["--mac", net.mac or default_mac(index)]
+        if net.tap is not None:
+            args += ["--tap", net.tap]
+        elif net.peer is not None:
+            args += ["--peer", net.peer]
+        if net.queues > 1:
+            args += ["--queues", str(net.queues)]
+        self._add_vhost_device(f"net{index}", VirtioDeviceId.NET, "dvmm_net",
+                               args if net.socket is None else [], net.socket, NET_CONFIG_SIZE)
+        self._add_pxe_rom()
+
+    def _add_vhost_device(self, name: str, device_type: int, module: str, args: list[str],
+                          socket: str | None, config_size: int) -> None:
+        """Spawn (or reach) the backend, connect, and plug a virtio-pci function."""
+        if socket is None:
+            backend = self.supervisor.spawn_python(name, module,
+                                                   [*args, *self.cfg.backend_args])
             self.supervisor.wait_for_socket(backend)
-            path = backend.socket
+            socket = backend.socket
+            wait = 10.0  # a backend we started may still be creating its socket
         else:
-            assert disk.socket is not None
-            path = disk.socket
-        link = VhostUserLink(name, path, self.ram.ram_regions(), config_size=BLK_CONFIG_SIZE)
-        # A backend we started may still be creating its socket; an external
-        # one either listens already or is a configuration error.
-        link.connect(timeout=10.0 if disk.image is not None else 0.0)
+            wait = 0.0   # an external one listens already, or it is a config error
+        link = VhostUserLink(name, socket, self.ram.ram_regions(), config_size=config_size)
+        link.connect(timeout=wait)
         transport = VirtioTransport(name, link, self.router, self, self.pump)
-        device = VirtioPciDevice(VirtioDeviceId.BLOCK, transport, self.mmio)
+        device = VirtioPciDevice(device_type, transport, self.mmio)
         self.pci.add(FIRST_PCI_SLOT + len(self.virtio), device)
         self.virtio.append(device)
+
+    def _add_pxe_rom(self) -> None:
+        """iPXE for virtio-net, offered the way SeaBIOS looks for a device's
+        option ROM first: a fw_cfg file named after the PCI IDs (notes:
+        seabios.md section 4).  Debian's pxe-virtio.rom matches 1af4:1041."""
+        name = "pci1af4,1041.rom"
+        if not self.cfg.net_rom or name in self._roms:
+            return
+        try:
+            with open(self.cfg.net_rom, "rb") as f:
+                self.fw_cfg.add_file(name, f.read())
+        except OSError as exc:
+            log.warning("no network boot ROM (%s): %s", self.cfg.net_rom, exc.strerror)
+            return
+        self._roms.add(name)
 
     def _load_firmware(self, path: str) -> mmap.mmap:
         try:
@@ -289,13 +340,16 @@ class Machine:
     def start(self, prepare_boot: Callable[[Machine], None] | None = None) -> None:
         for i, disk in enumerate(self.cfg.disks):
             self.add_disk(disk, i)
+        for i, net in enumerate(self.cfg.nets):
+            self.add_net(net, i)
         self._create_instance()
         if prepare_boot is not None:
             prepare_boot(self)
         for runner in self.runners:
             runner.start()
-        log.info("machine started: %d MiB, %d vCPU(s), %d disk(s)",
-                 self.cfg.memory >> 20, self.cfg.cpus, len(self.virtio))
+        log.info("machine started: %d MiB, %d vCPU(s), %d disk(s), %d NIC(s)",
+                 self.cfg.memory >> 20, self.cfg.cpus, len(self.cfg.disks),
+                 len(self.cfg.nets))
 
     def run(self, until: Callable[[str, str], bool] | None = None) -> str:
         """Serve machine events until shutdown/stop; returns why it ended."""
@@ -334,7 +388,7 @@ class Machine:
         """A reset register was written (on a vCPU thread): that vCPU must not
         execute another instruction, as on real hardware, so it stops here."""
         for runner in self.runners:
-            if runner._thread is threading.current_thread():
+            if runner.is_current_thread:
                 runner.stop()
         self.events.put(("reset", "guest reset request"))
 

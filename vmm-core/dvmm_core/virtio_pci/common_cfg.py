@@ -115,12 +115,15 @@ class CommonConfig:
         image[offset:offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
         fields = LAYOUT.unpack(bytes(image))
         status_written = offset <= 0x14 < offset + size
-        self._apply(fields)
+        # Only a write that reaches driver_feature changes the features: a bare
+        # driver_feature_select write must not copy the old window into the new.
+        feature_written = offset < 0x10 and offset + size > 0x0C
+        self._apply(fields, feature_written)
         return self._set_status(fields[6]) if status_written else StatusEvent.NONE
 
-    def _apply(self, f: tuple[int, ...]) -> None:
+    def _apply(self, f: tuple[int, ...], feature_written: bool) -> None:
         self.dfselect, self.gfselect = f[0], f[2]
-        if self.state is DeviceState.NEGOTIATING:  # features are frozen after FEATURES_OK
+        if feature_written and self.state is DeviceState.NEGOTIATING:  # frozen after FEATURES_OK
             self.driver_features = _set_window(self.driver_features, self.gfselect, f[3])
         self.msix_config = f[4]
         old_select = self.queue_select

@@ -1,0 +1,228 @@
+"""What the benchmarks share: compared metrics, the ratio table, the plot, the machine.
+
+Owns the shape of a result (:class:`Compared`: one metric measured for dvmm
+and for a peer in the same run, and which direction is better), the one
+table format every benchmark prints (so tests and ``dvmm bench all`` parse
+one layout), the goals of issue 5 checked against measured ratios, a PNG of
+ratio per workload (matplotlib, optional: ``pip install dvmm[bench]``), the
+description of the machine the numbers came from, and the child-process
+conventions of the benchmarks (die with the parent, SIGTERM then SIGKILL).
+It measures nothing itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import signal
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HIGHER, LOWER = "higher", "lower"
+TABLE_HEADER = ("group", "workload", "metric", "dvmm", "peer", "dvmm/peer", "better")
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One metric of one workload, measured for dvmm and for ``peer`` in the same run."""
+
+    group: str        # "blk shm", "blk disk", "core"
+    workload: str     # "randread-4k-qd32"
+    metric: str       # "IOPS", "p50 lat (us)"
+    dvmm: float
+    peer: float
+    peer_name: str    # "qsd", "qemu"
+    better: str = HIGHER
+
+    @property
+    def ratio(self) -> float:
+        """dvmm / peer (inf when the peer measured 0)."""
+        return self.dvmm / self.peer if self.peer else float("inf")
+
+    @property
+    def key(self) -> str:
+        return f"{self.group} {self.workload} {self.metric}"
+
+
+def fmt(value: float) -> str:
+    """At least three significant digits, never an exponent for benchmark magnitudes."""
+    mag = abs(value)
+    if mag >= 1000:
+        return f"{value:.0f}"
+    if mag >= 100:
+        return f"{value:.1f}"
+    if mag >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def table(rows: Sequence[Compared]) -> str:
+    """The ratio table every benchmark prints: one line per compared metric.
+
+    Columns: group, workload, metric, dvmm, peer (named in the line), the
+    ratio dvmm/peer and which direction is better.  A ratio above 1 is good
+    when ``better`` is "higher", bad when it is "lower".
+    """
+    cells = [[r.group, r.workload, r.metric, fmt(r.dvmm), f"{fmt(r.peer)} {r.peer_name}",
+              f"{r.ratio:.2f}", r.better] for r in rows]
+    head = list(TABLE_HEADER)
+    widths = [max(len(str(c[i])) for c in [head, *cells]) for i in range(len(head))]
+    right = {3, 4, 5}
+
+    def line(c: Sequence[str]) -> str:
+        return "  ".join(str(x).rjust(w) if i in right else str(x).ljust(w)
+                         for i, (x, w) in enumerate(zip(c, widths, strict=True))).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def markdown_table(rows: Sequence[Compared]) -> str:
+    out = ["| group | workload | metric | dvmm | peer | dvmm/peer | better |",
+           "|---|---|---|---:|---:|---:|---|"]
+    out += [f"| {r.group} | {r.workload} | {r.metric} | {fmt(r.dvmm)} | "
+            f"{fmt(r.peer)} ({r.peer_name}) | {r.ratio:.2f} | {r.better} |" for r in rows]
+    return "\n".join(out)
+
+
+# --- goals (issue 5) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Goal:
+    """A target ratio for one compared metric (``key`` as in :attr:`Compared.key`)."""
+
+    label: str
+    key: str | None     # None: the benchmark does not exist yet
+    target: float
+    better: str
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.target if self.better == HIGHER else ratio <= self.target
+
+
+GOALS = (
+    Goal("blk 128 KiB seq read MB/s vs qsd", "blk shm seqread-128k-qd8 MB/s", 1.0, HIGHER),
+    Goal("blk 128 KiB seq write MB/s vs qsd", "blk shm seqwrite-128k-qd8 MB/s", 1.0, HIGHER),
+    Goal("blk 4 KiB randread QD32 IOPS vs qsd", "blk shm randread-4k-qd32 IOPS", 0.6, HIGHER),
+    Goal("blk 4 KiB randread QD1 p50 latency vs qsd", "blk shm randread-4k-qd1 p50 lat (us)",
+         1.5, LOWER),
+    Goal("net 1500-byte frames/s TX vs testpmd", None, 0.3, HIGHER),
+    Goal("net 1500-byte frames/s RX vs testpmd", None, 0.3, HIGHER),
+    Goal("core exit round trip vs QEMU", "core port-exit-loop exit time (us)", 2.0, LOWER),
+    Goal("core start-up to first guest instruction vs QEMU",
+         "core tiny-bios start to first insn (ms)", 1.0, LOWER),
+)
+
+
+def goals_markdown(rows: Sequence[Compared]) -> str:
+    """The goals table with the measured ratio and a verdict (or "pending")."""
+    by_key = {r.key: r for r in rows}
+    out = ["| goal | target (dvmm/peer) | measured | met |", "|---|---|---:|---|"]
+    for g in GOALS:
+        sign = ">=" if g.better == HIGHER else "<="
+        target = f"{sign} {g.target:.1f} ({g.better} is better)"
+        r = by_key.get(g.key) if g.key else None
+        if r is None:
+            out.append(f"| {g.label} | {target} | pending | pending |")
+        else:
+            out.append(f"| {g.label} | {target} | {r.ratio:.2f} | "
+                       f"{'yes' if g.met(r.ratio) else 'no'} |")
+    return "\n".join(out)
+
+
+# --- plot ----------------------------------------------------------------------------
+
+def plot(rows: Sequence[Compared], path: Path, title: str) -> None:
+    """A horizontal bar per compared metric: dvmm/peer, with the parity line at 1.
+
+    Bars are coloured by direction (higher-better vs lower-better) so a reader
+    does not misread a latency ratio.  Needs matplotlib (the ``bench`` extra).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'dvmm[bench]'") from None
+    labels = [r.key for r in rows]
+    ratios = [r.ratio for r in rows]
+    colors = ["tab:blue" if r.better == HIGHER else "tab:orange" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.6))
+    ax.barh(range(len(rows)), ratios, color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("dvmm / peer (log scale; blue: higher is better, orange: lower is better)")
+    ax.set_title(title, fontsize=9)
+    for i, v in enumerate(ratios):
+        ax.text(v, i, f" {v:.2f}", va="center", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the machine -----------------------------------------------------------------------
+
+def machine() -> dict[str, str]:
+    """What the numbers depend on: CPUs, CPU model, kernel, which KVM module."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    kvm = "kvm_pvm" if os.path.isdir("/sys/module/kvm_pvm") else (
+        "kvm" if os.path.exists("/dev/kvm") else "none")
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return {"cpus": str(os.cpu_count() or 0), "cpu model": model,
+            "kernel": platform.release(), "kvm module": kvm,
+            "memory": f"{mem_gib:.0f} GiB", "python": platform.python_version()}
+
+
+def machine_line() -> str:
+    return "; ".join(f"{k}: {v}" for k, v in machine().items())
+
+
+# --- child processes -----------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a peer or backend: output to ``log``, killed if this process dies."""
+    with log.open("ab") as out:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, a bounded wait, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def median(values: Iterable[float]) -> float:
+    vals = sorted(values)
+    if not vals:
+        raise ValueError("median of nothing")
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
