@@ -138,3 +138,14 @@ def test_hugepages_without_a_reservation_is_a_one_line_error(tmp_path: Path,
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "free hugepages" in out.stderr and "nr_hugepages" in out.stderr
+
+
+def test_firmware_sees_ram_above_4g(tmp_path: Path, demo: DemoDisk) -> None:
+    """5 GiB: 3 GiB below the PCI hole, 2 GiB from 4 GiB up, in e820 and
+    in the vhost-user memory table (the backend still serves the disk)."""
+    with CoreVM(tmp_path, ["--memory", "5120", "--disk", str(demo.path)]) as vm:
+        assert_checksum(vm, demo)
+        log = vm.firmware()
+        assert "addr 0x0000000000000000 len 0x00000000c0000000 [RAM]" in log, log[:2000]
+        assert "addr 0x0000000100000000 len 0x0000000080000000 [RAM]" in log, log[:2000]
+        assert vm.stop() == 0
