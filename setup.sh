@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up dvmm on a Debian 12 machine: system packages, the virtual
 # environment at .venv/ with dvmm installed, and the cached guest artifacts.
-# Idempotent; run as root (or with sudo) because it installs Debian packages.
+# Idempotent.  Debian packages are installed as root (through sudo when run
+# as another user).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,13 +15,17 @@ PACKAGES=(
 )
 
 if [ "${DVMM_SKIP_APT:-0}" != 1 ]; then
+  SUDO=()
   if [ "$(id -u)" != 0 ]; then
-    echo "setup.sh: installing system packages needs root (run with sudo, or set DVMM_SKIP_APT=1)" >&2
-    exit 1
+    if ! command -v sudo >/dev/null; then
+      echo "setup.sh: installing system packages needs root: run it as root, or install sudo (or set DVMM_SKIP_APT=1)" >&2
+      exit 1
+    fi
+    SUDO=(sudo)
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+  "${SUDO[@]}" apt-get update -q
+  "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 fi
 
 if [ ! -x .venv/bin/python ]; then

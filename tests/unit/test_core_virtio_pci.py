@@ -8,6 +8,9 @@ reads and writes on bus 0, and MMIO reads and writes at the BAR addresses.
 
 from __future__ import annotations
 
+import itertools
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +22,8 @@ from dvmm_core.virtio_pci.device import VirtioPciDevice
 from dvmm_core.virtio_pci.msix import MSIX_ENABLE, MSIX_FUNCTION_MASK
 from dvmm_core.virtio_pci.transport import VirtioTransport
 from dvmm_shared.virtio import VIRTIO_F_VERSION_1, VirtioDeviceId, bit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .core_fakes import FAKE_CONFIG, FAKE_FEATURES, FakeLink, FakePump, FakeRouter, FakeVm
 
@@ -58,7 +63,8 @@ class Rig:
     def caps(self) -> list[tuple[int, int]]:
         """(offset, id) of each capability, walked as a guest walks it."""
         assert self.cfg_read(STATUS_REG, 2) & 0x10  # capability list present
-        out, ptr = [], self.cfg_read(0x34, 1)
+        out: list[tuple[int, int]] = []
+        ptr = self.cfg_read(0x34, 1)
         while ptr:
             assert len(out) < 48, "capability list loops"
             out.append((ptr, self.cfg_read(ptr, 1)))
@@ -528,3 +534,95 @@ def test_machine_reset_unmaps_and_stops(rig: Rig) -> None:
     rig.assign()
     rig.init()
     assert len(rig.link.named("start")) == 1
+
+
+def test_isr_and_the_line_agree_when_the_pump_races_an_isr_read() -> None:
+    # The INTx pump fires on its own thread while a vCPU reads ISR: after
+    # both stop, a set ISR bit must mean a raised line (else the interrupt is
+    # lost until the next completion).  Tiny switch intervals make the
+    # threads interleave inside each operation.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(40):
+            router = FakeRouter()
+            t = VirtioTransport("blk", FakeLink(), router, FakeVm(),  # type: ignore[arg-type]
+                                FakePump())
+            t.intx_gsi = lambda: 11
+            pump = threading.Thread(target=lambda t=t: [t._intx_fire() for _ in range(300)])
+            pump.start()
+            while pump.is_alive():
+                t.bar4_read(ISR, 1)
+            pump.join()
+            levels = [c[2] for c in router.named("irq_line")]
+            assert bool(t.isr) == (bool(levels) and levels[-1]), "ISR and INTx line disagree"
+            assert all(a != b for a, b in itertools.pairwise(levels))  # edges only
+            t.close()
+    finally:
+        sys.setswitchinterval(old)
+
+
+# -- a hostile guest ---------------------------------------------------------------------------
+ADDRESSES = st.sampled_from([0, BAR1_ADDR, BAR4_ADDR, BAR4_ADDR + 0x1000, BAR4_ADDR + 0x3000,
+                             0xFFFFFFFF, 0xFFFFF000, 0x8])
+CONFIG_WRITE = st.tuples(
+    st.just("cfg"),
+    st.one_of(st.sampled_from([CMD, BAR1_REG, BAR4_REG, BAR4_REG + 4, 0x34, INT_LINE]),
+              st.integers(0, 0xFF)),
+    st.sampled_from([1, 2, 4]),
+    st.one_of(ADDRESSES, st.sampled_from([0x2, 0x6, 0x8000, 0xC000]), st.integers(0, 0xFFFFFFFF)))
+MMIO_WRITE = st.tuples(
+    st.just("mmio"),
+    st.one_of(ADDRESSES, st.integers(BAR4_ADDR, BAR4_ADDR + 0x4000)),
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(0, (1 << 64) - 1))
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.booleans(), st.lists(st.one_of(CONFIG_WRITE, MMIO_WRITE), max_size=40))
+def test_hostile_config_and_mmio_writes_never_raise(
+        assigned: bool, ops: list[tuple[str, int, int, int]]) -> None:
+    link, router, vm, pump, mmio = FakeLink(), FakeRouter(), FakeVm(), FakePump(), Bus("mmio")
+    transport = VirtioTransport("blk0", link, router, vm, pump)  # type: ignore[arg-type]
+    dev = VirtioPciDevice(VirtioDeviceId.BLOCK, transport, mmio)
+    pci = PciBus()
+    pci.add(SLOT, dev)
+    rig = Rig(link, router, vm, pump, mmio, pci, dev, transport)
+    try:
+        if assigned:
+            rig.assign()
+        for kind, addr, size, value in ops:
+            if kind == "cfg":
+                rig.cfg_write(addr, size, value)
+                assert 0 <= rig.cfg_read(addr, size) < 1 << 8 * size
+            else:
+                mmio.write(addr, size, value & ((1 << 8 * size) - 1))
+                assert 0 <= mmio.read(addr, size) < 1 << 8 * size
+            bar4 = dev.bar_address(4)
+            expect = set() if bar4 is None else {
+                (k.fd, bar4 + 0x3000 + 4 * q) for q, k in enumerate(transport.kicks)}
+            assert vm.live_ioeventfds() == expect
+            for index, size_ in ((1, 0x1000), (4, 0x4000)):
+                base = dev.bar_address(index)
+                found = None if base is None else mmio.find(base)
+                if found is not None and found.device is dev._windows[index]:
+                    assert (found.base, found.length) == (base, size_)
+    finally:
+        transport.close()
+
+
+def test_overlapping_bars_do_not_crash_the_config_write(rig: Rig) -> None:
+    rig.assign()
+    # BAR 1 moved into the middle of BAR 4: undefined on hardware, but the
+    # guest's config write must not blow up the VMM.
+    rig.cfg_write(BAR1_REG, 4, BAR4_ADDR + 0x1000)
+    assert rig.r(NUM_QUEUES, 2) == 2  # BAR 4 still answers
+    rig.cfg_write(BAR1_REG, 4, BAR1_ADDR)  # and the guest can fix it
+    assert rig.mmio.read(BAR1_ADDR + 12, 4) == 1  # MSI-X vector 0 control: masked
+    assert rig.r(NUM_QUEUES, 2) == 2
+    # The same with BAR 1 at exactly BAR 4's base, then moved away again:
+    # BAR 4's window must survive.
+    rig.cfg_write(BAR1_REG, 4, BAR4_ADDR)
+    rig.cfg_write(BAR1_REG, 4, BAR1_ADDR)
+    assert rig.r(NUM_QUEUES, 2) == 2
+    assert rig.mmio.read(BAR1_ADDR + 12, 4) == 1

@@ -38,6 +38,9 @@ WANTED_PROTOCOL = (1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK
                    | 1 << ProtocolFeature.CONFIG)
 
 
+REPLY_TIMEOUT = 10.0
+
+
 class LinkDown(Exception):
     """The backend is unreachable or broke the protocol."""
 
@@ -82,7 +85,11 @@ class VhostUserLink:
     # -- lifecycle ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
         """Connect (waiting up to ``timeout`` for the socket) and negotiate."""
-        self.fe = Frontend(_connect_retry(self.path, timeout))
+        conn = _connect_retry(self.path, timeout)
+        # A backend that hangs (rather than dies) must not block a vCPU forever
+        # on a config read: every reply has a deadline, and missing it is LinkDown.
+        conn.sock.settimeout(REPLY_TIMEOUT)
+        self.fe = Frontend(conn)
         with self._guard("connect"):
             fe = self.fe
             self.features = fe.get_features()

@@ -54,6 +54,7 @@ class SetupHeader:
     cmdline_size: int
     init_size: int
     raw: bytes  # header bytes 0x1F1 .. end of header
+    pref_address: int = 0
 
     @classmethod
     def parse(cls, image: bytes) -> SetupHeader:
@@ -72,12 +73,22 @@ class SetupHeader:
             cmdline_size=struct.unpack_from("<I", image, 0x238)[0],
             init_size=struct.unpack_from("<I", image, 0x260)[0],
             raw=image[SETUP_HEADER_OFFSET:end],
+            pref_address=struct.unpack_from("<Q", image, 0x258)[0],
         )
 
     @property
     def kernel_offset(self) -> int:
         """Where the protected-mode kernel starts in the file."""
         return (self.setup_sects + 1) * 512
+
+    @property
+    def run_address(self) -> int:
+        """Where the 64-bit entry moves the kernel before decompressing it: the
+        load address rounded up to kernel_alignment, but no lower than
+        LOAD_PHYSICAL_ADDR, which the header gives as pref_address
+        (arch/x86/boot/compressed/head_64.S).  It then uses init_size from there."""
+        align = max(self.kernel_alignment, 1)
+        return max(-(-KERNEL_LOAD_ADDR // align) * align, self.pref_address)
 
 
 @dataclass
@@ -108,7 +119,9 @@ def prepare(kernel: bytes, cmdline: str, e820: Sequence[E820Entry], low_ram_end:
         raise LinuxBootError(f"command line longer than the kernel's {hdr.cmdline_size} bytes")
     boot = LinuxBoot(rip=KERNEL_LOAD_ADDR + 0x200)
     body = kernel[hdr.kernel_offset:]
-    if KERNEL_LOAD_ADDR + max(len(body), hdr.init_size) > low_ram_end:
+    # The loaded image, and the range the kernel decompresses itself into.
+    kernel_end = max(KERNEL_LOAD_ADDR + len(body), hdr.run_address + hdr.init_size)
+    if kernel_end > low_ram_end:
         raise LinuxBootError("not enough RAM below 4 GiB for the kernel")
     boot.writes.append((KERNEL_LOAD_ADDR, body))
     boot.writes.append((CMDLINE_ADDR, cmd))
@@ -116,7 +129,7 @@ def prepare(kernel: bytes, cmdline: str, e820: Sequence[E820Entry], low_ram_end:
     if initrd:
         limit = min(low_ram_end, hdr.initrd_addr_max + 1)
         initrd_addr = (limit - len(initrd)) & ~0xFFF
-        if initrd_addr < KERNEL_LOAD_ADDR + hdr.init_size:
+        if initrd_addr < kernel_end:
             raise LinuxBootError("initrd does not fit in RAM above the kernel")
         boot.writes.append((initrd_addr, initrd))
     zero = zero_page(hdr, e820, initrd_addr, len(initrd or b""))

@@ -51,8 +51,12 @@ class IrqRouter:
             return self._free.pop()
 
     def release(self, gsi: int) -> None:
+        """Give an allocated GSI back, dropping its MSI route."""
         with self._lock:
-            self._msi.pop(gsi, None)
+            if gsi < FIRST_MSI_GSI or gsi in self._free:
+                raise ValueError(f"GSI {gsi} was not allocated")
+            if self._msi.pop(gsi, None) is not None and self.vm is not None:
+                self._commit()
             self._free.append(gsi)
 
     def set_msi(self, gsi: int, address_lo: int, address_hi: int, data: int) -> None:

@@ -32,17 +32,19 @@ def build(ncpus: int, addr: int = MPTABLE_ADDR) -> bytes:
                                    0x600, 0x201, 0, 0))
     entries.append(struct.pack("<BB6s", 1, 0, b"ISA   "))
     entries.append(struct.pack("<BBBBI", 2, ioapic_id, APIC_VERSION, 1, IOAPIC_ADDR))
+    # ISA IRQ n -> IOAPIC pin n, matching KVM's default routing (GSI n ->
+    # IOAPIC pin n), where the in-kernel PIT raises GSI 0 (Firecracker's
+    # mptable.rs does the same).  QEMU's pin-2 timer override would need a
+    # custom route for GSI 0.
     for irq in range(16):
-        kind = MP_EXTINT if irq == 0 else MP_INT
-        pin = 2 if irq == 0 else irq  # the PIT is wired to IOAPIC pin 2
-        if irq == 2:
-            continue
-        entries.append(struct.pack("<BBHBBBB", 3, kind, 0, 0, irq, ioapic_id, pin))
+        entries.append(struct.pack("<BBHBBBB", 3, MP_INT, 0, 0, irq, ioapic_id, irq))
     entries.append(struct.pack("<BBHBBBB", 4, MP_EXTINT, 0, 0, 0, 0, 0))
     entries.append(struct.pack("<BBHBBBB", 4, MP_NMI, 0, 0, 0, 0xFF, 1))
     body = b"".join(entries)
+    # signature, length, spec, checksum, OEM, product, OEM table pointer and
+    # size (none), entry count, local APIC address (MP 1.4 table 4-2).
     header = struct.pack("<4sHBB8s12sIHHI", b"PCMP", 44 + len(body), 4, 0,
-                         b"DVMM    ", b"DVMM PC     ", 0, len(entries), 0, LAPIC_ADDR)
+                         b"DVMM    ", b"DVMM PC     ", 0, 0, len(entries), LAPIC_ADDR)
     header += bytes(4)  # extended table length, checksum, reserved
     table = bytearray(header + body)
     table[7] = _checksum(bytes(table))

@@ -9,10 +9,11 @@ ioeventfds at the new address.  Register semantics are the transport's.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable
 
-from ..machine.bus import Bus
+from ..machine.bus import Bus, BusError
 from ..machine.pci import PCI_INTERRUPT_LINE, BarKind, PciDevice
 from .msix import MSIX_ENABLE, MSIX_FUNCTION_MASK
 from .transport import (
@@ -28,6 +29,8 @@ from .transport import (
     REGION_SIZE,
     VirtioTransport,
 )
+
+log = logging.getLogger("dvmm.virtio_pci")
 
 PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040
@@ -80,6 +83,7 @@ class VirtioPciDevice(PciDevice):
             MSIX_BAR: _BarWindow(transport.bar1_read, transport.bar1_write),
             VIRTIO_BAR: _BarWindow(transport.bar4_read, transport.bar4_write),
         }
+        self._on_bus: dict[int, int] = {}  # BAR index -> base its window is registered at
 
     def _add_virtio_caps(self) -> None:
         for cfg_type, offset in ((VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET),
@@ -138,10 +142,17 @@ class VirtioPciDevice(PciDevice):
         if window is None:
             return
         size = BAR1_SIZE if index == MSIX_BAR else BAR4_SIZE
-        if old is not None:
-            self.mmio.unregister(old)
+        registered = self._on_bus.pop(index, None)
+        if registered is not None:
+            self.mmio.unregister(registered)
         if new is not None:
-            self.mmio.register(new, size, window, f"virtio-{index}@{new:#x}")
+            try:
+                self.mmio.register(new, size, window, f"virtio-{index}@{new:#x}")
+                self._on_bus[index] = new
+            except BusError as exc:
+                # The guest put this BAR over another range: undefined decoding
+                # on hardware; here the BAR just does not decode (no VMM crash).
+                log.warning("%s: BAR %d not decoded: %s", self.transport.name, index, exc)
         if index == VIRTIO_BAR:
             self.transport.bar4_moved(new)
 

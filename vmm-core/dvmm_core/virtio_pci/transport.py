@@ -18,6 +18,7 @@ ioeventfd yet) is forwarded to the kick eventfd by hand.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -81,6 +82,10 @@ class VirtioTransport:
         self._notify_base: int | None = None
         self._intx_level = False
         self._pumped: set[int] = set()
+        # ISR and the INTx level change on the pump thread (a call eventfd fired)
+        # and on a vCPU (ISR read): both updates must be atomic or an interrupt
+        # is lost (ISR set, line low).
+        self._isr_lock = threading.Lock()
 
     # -- BAR 4 --------------------------------------------------------------
     def bar4_read(self, offset: int, size: int) -> int:
@@ -103,8 +108,9 @@ class VirtioTransport:
             self._doorbell(off // NOTIFY_OFF_MULTIPLIER)
 
     def _read_isr(self) -> int:
-        value, self.isr = self.isr, 0  # reading ISR clears it (4.1.4.5)
-        self._set_intx(False)
+        with self._isr_lock:
+            value, self.isr = self.isr, 0  # reading ISR clears it (4.1.4.5)
+            self._set_intx(False)
         return value
 
     def _read_device_config(self, off: int, size: int) -> int:
@@ -161,8 +167,9 @@ class VirtioTransport:
         except LinkDown as exc:
             log.warning("%s: reset: %s", self.name, exc)
         self.common.reset()
-        self.isr = 0
-        self._set_intx(False)
+        with self._isr_lock:
+            self.isr = 0
+            self._set_intx(False)
         self.reroute()
 
     # -- interrupts -------------------------------------------------------------
@@ -196,12 +203,14 @@ class VirtioTransport:
             self.pump.unwatch(fd)
 
     def _intx_fire(self) -> None:
-        self.isr |= ISR_QUEUE
-        self._set_intx(True)
+        with self._isr_lock:
+            self.isr |= ISR_QUEUE
+            self._set_intx(True)
 
     def _set_intx(self, level: bool) -> None:
         gsi = self.intx_gsi()
-        if level != self._intx_level and 0 <= gsi < 24:
+        # 0 (the timer's line) and 0xFF mean the firmware never routed INTx.
+        if level != self._intx_level and 0 < gsi < 24:
             self.router.irq_line(gsi, level)
         self._intx_level = level
 
