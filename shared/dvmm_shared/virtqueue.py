@@ -164,6 +164,8 @@ class SplitQueue:
         self.used_idx = self.last_avail_idx if used_idx is None else used_idx & 0xFFFF
         self._signalled_used = self.used_idx
         self._signalled_valid = False
+        # The available index as last read: what avail_event re-arms at.
+        self._avail_seen = self.last_avail_idx
 
     # -- available ring -------------------------------------------------
     def avail_idx(self) -> int:
@@ -177,11 +179,13 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many chains the driver has made available and we have not popped."""
-        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        avail = self.avail_idx()
+        n = (avail - self.last_avail_idx) & 0xFFFF
         if n > self.size:
             raise RingError(
                 f"available index moved by {n}, more than the queue size {self.size}"
             )
+        self._avail_seen = avail
         return n
 
     def pop(self) -> DescriptorChain | None:
@@ -273,13 +277,21 @@ class SplitQueue:
         return not valid or vring_need_event(self.used_event(), new, old)
 
     def enable_notification(self) -> bool:
-        """Ask the driver to kick again; True if chains arrived meanwhile (2.7.10)."""
+        """Ask the driver to kick again; True if chains arrived meanwhile (2.7.10).
+
+        The kick is asked for beyond the available index the device has
+        *seen* (as vhost does), not beyond ``last_avail_idx``: a device that
+        leaves chains available on purpose (net RX holding out for enough
+        buffers for a large frame) still hears about the next ones.  For a
+        device that drains the ring the two are the same."""
+        seen = self._avail_seen
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.last_avail_idx)
+            _U16.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, seen)
         else:
             _U16.pack_into(self._used, 0, 0)
         memory_fence()
-        return self.pending() > 0
+        self.pending()
+        return self._avail_seen != seen
 
     def disable_notification(self) -> None:
         """Tell the driver kicks are not needed while we are polling the ring."""

@@ -21,8 +21,12 @@ memory and serves its virtqueues itself.
 
 def build_parser() -> argparse.ArgumentParser:
     from dvmm_blk import main as blk_main
+    from dvmm_net import main as net_main
 
     from . import demo_vm, run
+    from .bench import blk as bench_blk
+    from .bench import core as bench_core
+    from .bench import report as bench_report
     from .bench import startup
     from .boot import demo as demo_disk
     from .guest import build as guest_build
@@ -38,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     blk_main.add_arguments(blk)
     blk.set_defaults(func=blk_main.run)
+    net = kinds.add_parser("net", help="virtio-net backend on a TAP or a VM-to-VM link",
+                           description=net_main.DESCRIPTION, epilog=net_main.EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    net_main.add_arguments(net)
+    net.set_defaults(func=net_main.run)
 
     guest_build.add_parser(sub)
     run.add_parser(sub)
@@ -49,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "invocation and print the ratio.")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     startup.add_parser(benches)
+    bench_blk.add_parser(benches)
+    bench_core.add_parser(benches)
+    bench_report.add_parser(benches)
     return parser
 
 

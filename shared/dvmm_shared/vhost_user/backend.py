@@ -5,7 +5,9 @@ turns one descriptor chain into the number of bytes it wrote.  It never
 parses vhost-user messages or walks rings: :mod:`.daemon` does that and
 calls these methods.  Request/response devices (blk) only implement
 ``handle_chain``; devices driven by other events (net RX) override
-``process_queue`` and use ``extra_fds``.
+``process_queue`` and use the :class:`BackendHost` handed to ``attach``:
+it watches extra fds (a TAP) with callbacks and services a queue on demand,
+and ``queue_started``/``queue_stopped`` say when a ring may be served.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..virtqueue import DescriptorChain, SplitQueue
 
@@ -37,11 +40,29 @@ class BackendStats:
         return self.queues.setdefault(index, QueueStats())
 
 
+class BackendHost(Protocol):
+    """What the daemon lends a backend for one frontend connection.
+
+    Callbacks run on the daemon's loop, like everything else, so they need
+    no locks.  ``events`` is ``selectors.EVENT_READ`` or ``EVENT_WRITE``; an fd
+    can be watched for both with two calls.  Watches end with ``unwatch`` or
+    with the connection (after ``queue_stopped`` for every running ring)."""
+
+    def watch(self, fd: int, events: int, callback: Callable[[], None]) -> None: ...
+    def unwatch(self, fd: int, events: int = ...) -> None: ...
+    def service_queue(self, index: int) -> None:
+        """Run the queue now, as a kick would (a no-op unless it is running)."""
+
+
 class VhostUserBackend(ABC):
     """What one device backend provides."""
 
     #: Largest ring the device accepts (SET_VRING_NUM above it is refused).
     max_queue_size: int = 1024
+
+    #: Offer VHOST_USER_PROTOCOL_F_CONFIG (the frontend reads the config space
+    #: from the backend).  QEMU 7.2's vhost-user-net crashes when offered it.
+    config_space: bool = True
 
     @property
     @abstractmethod
@@ -75,6 +96,16 @@ class VhostUserBackend(ABC):
         """Drain a kicked queue.  The default hands every chain to ``handle_chain``
         through the daemon's ``serve`` helper; returns whether anything was pushed."""
         return serve(queue_index, queue)
+
+    def attach(self, host: BackendHost) -> None:  # noqa: B027 - optional hook
+        """A frontend connected; ``host`` serves until the next ``attach``."""
+
+    def queue_started(self, index: int) -> None:  # noqa: B027 - optional hook
+        """Ring ``index`` is started and enabled: it may be served from now on."""
+
+    def queue_stopped(self, index: int) -> None:  # noqa: B027 - optional hook
+        """Ring ``index`` is no longer served (stopped, disabled, broken or the
+        frontend left); called before its position is read back."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """The frontend went away or reset the device: forget per-connection state."""

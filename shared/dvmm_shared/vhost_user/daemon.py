@@ -8,7 +8,10 @@ queue through the device (:class:`VhostUserBackend`), pushes used elements
 and signals the call eventfd when the driver wants an interrupt.
 
 One loop serves the socket and all queues: a frontend message and queue
-processing never run at the same time, so no ring state needs a lock.
+processing never run at the same time, so no ring state needs a lock.  A
+backend fed by something other than kicks (net RX from a TAP) watches its
+own fds on the same loop through the session (:class:`BackendHost`), and is
+told when each ring starts and stops being served.
 
 Hostile input: a message that fails to decode or cannot be honoured gets a
 failure reply (when one is expected) and a one-line log; a bad descriptor
@@ -40,6 +43,7 @@ from .connection import Connection, ConnectionClosed, Message
 from .message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    MemRegion,
     MessageError,
     ProtocolFeature,
     Request,
@@ -89,6 +93,11 @@ class Vring:
     state: RingState = RingState.STOPPED
     queue: SplitQueue | None = None
 
+    @property
+    def running(self) -> bool:
+        """Started and enabled: the device may serve it."""
+        return self.state is RingState.STARTED and self.enabled
+
     def close_fds(self) -> None:
         for efd in (self.kick, self.call, self.err):
             if efd is not None:
@@ -97,7 +106,9 @@ class Vring:
 
 
 class Session:
-    """One frontend connection: protocol state machine plus ring service."""
+    """One frontend connection: protocol state machine plus ring service.
+
+    Also the :class:`BackendHost` of the backend while the connection lasts."""
 
     def __init__(self, backend: VhostUserBackend, conn: Connection,
                  selector: selectors.BaseSelector, stats: BackendStats) -> None:
@@ -108,7 +119,14 @@ class Session:
         self.features = 0
         self.protocol_features = 0
         self.mem = GuestMemory()
+        # ADD_MEM_REG count per region (guest addr, size, user addr): QEMU's
+        # vhost-user-net sends each queue pair's table over the one
+        # connection, so with MQ every region is added (and removed) once
+        # per pair; it stays mapped until the last REM_MEM_REG.
+        self._region_refs: dict[tuple[int, int, int], int] = {}
         self.vrings = [Vring(i) for i in range(backend.num_queues)]
+        # Extra fds the backend watches: fd -> {selector event: callback}.
+        self._extra: dict[int, dict[int, Callable[[], None]]] = {}
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -133,6 +151,7 @@ class Session:
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
         }
+        backend.attach(self)
 
     # -- message dispatch -------------------------------------------------
     #: Requests whose reply is their answer (no REPLY_ACK on top).
@@ -176,12 +195,18 @@ class Session:
             for ring in self.vrings:  # without it, rings start enabled
                 ring.enabled = True
 
+    def _offered_protocol_features(self) -> int:
+        offered = DAEMON_PROTOCOL_FEATURES | self.backend.protocol_features()
+        if not self.backend.config_space:
+            offered &= ~(1 << ProtocolFeature.CONFIG)
+        return offered
+
     def _get_protocol_features(self, msg: Message) -> bytes:
-        return encode_u64(DAEMON_PROTOCOL_FEATURES | self.backend.protocol_features())
+        return encode_u64(self._offered_protocol_features())
 
     def _set_protocol_features(self, msg: Message) -> None:
         value = decode_u64(msg.payload, "protocol features")
-        offered = DAEMON_PROTOCOL_FEATURES | self.backend.protocol_features()
+        offered = self._offered_protocol_features()
         if value & ~offered:
             raise RequestFailed(f"protocol features {value & ~offered:#x} were not offered")
         self.protocol_features = value
@@ -196,13 +221,18 @@ class Session:
             raise MessageError(f"memory table: {len(regions)} regions but {len(msg.fds)} fds")
         self._install_memory(GuestMemory.from_specs(
             r.spec(fd) for r, fd in zip(regions, msg.fds, strict=True)))
+        self._region_refs = {_region_key(r): 1 for r in regions}
 
     def _add_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
         fd = msg.take_fd()
         if fd is None:
             raise MessageError("ADD_MEM_REG without an fd")
+        key = _region_key(region)
         try:
+            if key in self._region_refs:  # the same region, for another queue pair
+                self._region_refs[key] += 1
+                return
             if len(self.mem) >= MAX_MEM_SLOTS:
                 raise RequestFailed(f"all {MAX_MEM_SLOTS} memory slots are in use")
             mem = GuestMemory(self.mem)
@@ -210,12 +240,18 @@ class Session:
         finally:
             os.close(fd)
         self._install_memory(mem)
+        self._region_refs[key] = 1
 
     def _rem_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
+        key = _region_key(region)
+        if self._region_refs.get(key, 0) > 1:
+            self._region_refs[key] -= 1
+            return
         mem = GuestMemory(self.mem)
         mem.remove(region.guest_addr, region.size)
         self._install_memory(mem)
+        self._region_refs.pop(key, None)
 
     # -- rings ----------------------------------------------------------------
     def _ring(self, index: int) -> Vring:
@@ -283,10 +319,15 @@ class Session:
     def _set_vring_enable(self, msg: Message) -> None:
         st = VringState.decode(msg.payload)
         ring = self._ring(st.index)
+        was_running = ring.running
         ring.enabled = bool(st.num)
         if ring.state is RingState.STARTED:
             self._watch(ring, ring.enabled)
+            if was_running and not ring.running:
+                self.backend.queue_stopped(ring.index)
             if ring.enabled:
+                if not was_running:
+                    self.backend.queue_started(ring.index)
                 self.service(ring)
 
     def _start(self, ring: Vring) -> None:
@@ -297,6 +338,7 @@ class Session:
         ring.state = RingState.STARTED
         self._watch(ring, ring.enabled)
         if ring.enabled:
+            self.backend.queue_started(ring.index)
             self.service(ring)
 
     def _map_queue(self, ring: Vring, used_idx: int | None = None,
@@ -320,6 +362,8 @@ class Session:
         )
 
     def _stop(self, ring: Vring) -> None:
+        if ring.running:  # first: the device may give chains back to the ring
+            self.backend.queue_stopped(ring.index)
         if ring.queue is not None:
             ring.base = ring.queue.last_avail_idx
             ring.queue.release()
@@ -389,8 +433,11 @@ class Session:
         except RingError as exc:
             log.error("ring %d is broken, stopped until the frontend resets it: %s",
                       ring.index, exc)
+            was_running = ring.running
             ring.state = RingState.BROKEN
             self._watch(ring, False)
+            if was_running:
+                self.backend.queue_stopped(ring.index)
 
     def serve(self, index: int, queue: SplitQueue) -> bool:
         """Default request/response loop: every available chain to handle_chain."""
@@ -417,13 +464,59 @@ class Session:
             ring.call.signal()
             self.stats.queue(ring.index).notifications += 1
 
+    # -- BackendHost: extra fds and on-demand service ---------------------------
+    _EVENTS = (selectors.EVENT_READ, selectors.EVENT_WRITE)
+
+    def watch(self, fd: int, events: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is ready for ``events`` (level triggered)."""
+        if events not in self._EVENTS:
+            raise ValueError(f"watch events must be EVENT_READ or EVENT_WRITE, not {events}")
+        cbs = self._extra.get(fd)
+        if cbs is None:
+            if fd in self.sel.get_map():
+                raise ValueError(f"fd {fd} is already watched by the daemon")
+            self._extra[fd] = {events: callback}
+            self.sel.register(fd, events, ("extra", fd))
+            return
+        cbs[events] = callback
+        self.sel.modify(fd, _mask(cbs), ("extra", fd))
+
+    def unwatch(self, fd: int, events: int = selectors.EVENT_READ | selectors.EVENT_WRITE
+                ) -> None:
+        cbs = self._extra.get(fd)
+        if cbs is None:
+            return
+        for ev in self._EVENTS:
+            if ev & events:
+                cbs.pop(ev, None)
+        if cbs:
+            self.sel.modify(fd, _mask(cbs), ("extra", fd))
+        else:
+            del self._extra[fd]
+            self.sel.unregister(fd)
+
+    def service_queue(self, index: int) -> None:
+        if 0 <= index < len(self.vrings):
+            self.service(self.vrings[index])
+
+    def on_ready(self, fd: int, mask: int) -> None:
+        """An extra fd is ready: run the callbacks still registered for it."""
+        for ev in self._EVENTS:
+            if mask & ev:
+                callback = self._extra.get(fd, {}).get(ev)
+                if callback is not None:
+                    callback()
+
     # -- teardown -----------------------------------------------------------
     def reset(self) -> None:
         for ring in self.vrings:
             self._stop(ring)
             ring.close_fds()
+        for fd in list(self._extra):  # whatever the backend did not unwatch
+            self.unwatch(fd)
         self.vrings = [Vring(i) for i in range(self.backend.num_queues)]
         self.mem = GuestMemory()
+        self._region_refs.clear()
         self.features = self.protocol_features = 0
         self.backend.reset()
 
@@ -474,7 +567,7 @@ class Daemon:
         session: Session | None = None
         try:
             while self._running:
-                for key, _ in self.sel.select():
+                for key, mask in self.sel.select():
                     kind, index = key.data
                     if kind == "accept":
                         session = self._accept(session)
@@ -485,6 +578,8 @@ class Daemon:
                         session = self._on_message(session)
                     elif kind == "kick" and session is not None:
                         session.on_kick(index)
+                    elif kind == "extra" and session is not None:
+                        session.on_ready(index, mask)
                     elif kind == "stop":
                         self._running = False
         finally:
@@ -542,6 +637,17 @@ class Daemon:
         self.backend.close()
 
 
+def _region_key(region: MemRegion) -> tuple[int, int, int]:
+    return region.guest_addr, region.size, region.user_addr
+
+
+def _mask(callbacks: dict[int, Callable[[], None]]) -> int:
+    mask = 0
+    for ev in callbacks:
+        mask |= ev
+    return mask
+
+
 def bind_unix_socket(path: str) -> socket.socket:
     """Listen on ``path``; a stale socket file is replaced, any other file is not."""
     try:
@@ -551,11 +657,20 @@ def bind_unix_socket(path: str) -> socket.socket:
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     except FileNotFoundError:
         pass
+    # Bind and listen under a temporary name, then rename into place: a
+    # frontend that sees the socket file can connect at once (no window in
+    # which it exists but refuses connections).
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        sock.bind(tmp)
         sock.listen(1)
+        os.rename(tmp, path)
     except OSError:
         sock.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return sock

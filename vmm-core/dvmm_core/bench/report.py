@@ -12,14 +12,20 @@ It measures nothing itself.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import importlib
 import os
 import platform
+import re
 import signal
 import subprocess
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HIGHER, LOWER = "higher", "lower"
 TABLE_HEADER = ("group", "workload", "metric", "dvmm", "peer", "dvmm/peer", "better")
@@ -133,31 +139,46 @@ def goals_markdown(rows: Sequence[Compared]) -> str:
 
 # --- plot ----------------------------------------------------------------------------
 
+def plotted(rows: Sequence[Compared]) -> list[Compared]:
+    """The rows worth a bar: IOPS and MB/s of one workload are the same ratio, so
+    small-block workloads show IOPS and large-block ones MB/s."""
+    return [r for r in rows if not (r.metric == "MB/s" and "-4k-" in r.workload)
+            and not (r.metric == "IOPS" and "-128k-" in r.workload)]
+
+
 def plot(rows: Sequence[Compared], path: Path, title: str) -> None:
-    """A horizontal bar per compared metric: dvmm/peer, with the parity line at 1.
+    """A horizontal bar per compared metric: dvmm/peer, with the parity line at 1
+    and a red tick at the goal of issue 5 where there is one.
 
     Bars are coloured by direction (higher-better vs lower-better) so a reader
     does not misread a latency ratio.  Needs matplotlib (the ``bench`` extra).
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # imported by name: matplotlib is optional, and mypy must pass without it
+        importlib.import_module("matplotlib").use("Agg")
+        plt: Any = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'dvmm[bench]'") from None
-    labels = [r.key for r in rows]
+    rows = plotted(rows)
+    goals = {g.key: g.target for g in GOALS if g.key}
     ratios = [r.ratio for r in rows]
-    colors = ["tab:blue" if r.better == HIGHER else "tab:orange" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.6))
-    ax.barh(range(len(rows)), ratios, color=colors)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 0.26 * len(rows) + 1.8))
+    ax.barh(range(len(rows)), ratios,
+            color=["tab:blue" if r.better == HIGHER else "tab:orange" for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(r.ratio, i, f" {r.ratio:.2f}", va="center", fontsize=7)
+        if r.key in goals:
+            ax.plot([goals[r.key]], [i], marker="|", color="red", markersize=14, mew=2)
+    ax.set_yticks(range(len(rows)), [r.key for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("dvmm / peer (log scale; blue: higher is better, orange: lower is better)")
+    ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10)
+             if min(ratios) / 1.5 <= t <= max(ratios) * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("dvmm / peer (log scale).  Blue: higher is better; orange: lower is "
+                  "better; red tick: goal")
     ax.set_title(title, fontsize=9)
-    for i, v in enumerate(ratios):
-        ax.text(v, i, f" {v:.2f}", va="center", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -184,6 +205,14 @@ def machine() -> dict[str, str]:
 
 def machine_line() -> str:
     return "; ".join(f"{k}: {v}" for k, v in machine().items())
+
+
+def load_line() -> str:
+    """The host's load now: other work on the same CPUs makes every ratio noisier."""
+    one, five, _ = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    busy = " (other work shares these CPUs: expect noisier ratios)" if five > cpus / 2 else ""
+    return f"load average at the end: {one:.2f} (1 min), {five:.2f} (5 min){busy}"
 
 
 # --- child processes -----------------------------------------------------------------
@@ -226,3 +255,108 @@ def median(values: Iterable[float]) -> float:
         raise ValueError("median of nothing")
     mid = len(vals) // 2
     return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def parse_table(text: str) -> list[Compared]:
+    """Read back the rows :func:`table` printed (for tests and tools)."""
+    rows = []
+    lines = text.splitlines()
+    for i, ln in enumerate(lines):
+        if re.split(r"\s{2,}", ln.strip()) == list(TABLE_HEADER):
+            for row in lines[i + 2:]:
+                cells = re.split(r"\s{2,}", row.strip())
+                if len(cells) != len(TABLE_HEADER):
+                    break
+                group, workload, metric, dvmm, peer, _ratio, better = cells
+                value, name = peer.rsplit(" ", 1)
+                rows.append(Compared(group, workload, metric, float(dvmm), float(value), name,
+                                     better))
+    return rows
+
+
+# --- dvmm bench all: every benchmark, and BENCHMARKS.md -----------------------------------
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+COMMAND = "dvmm bench all --write BENCHMARKS.md --plot BENCHMARKS.png"
+
+
+@dataclass
+class Report:
+    rows: list[Compared]
+    raw: list[str]        # each benchmark's header and detail table, as printed
+
+
+def run_all(quick: bool, progress: Callable[[str], None]) -> Report:
+    from . import blk, core
+
+    bs = blk.QUICK if quick else blk.Settings()
+    out = blk.run(bs, progress)
+    cs = core.QUICK if quick else core.Settings()
+    samples, wall = core.measure(cs, progress)
+    rows = blk.compared(out, bs) + core.compared(samples, cs)
+    raw = [blk.describe(bs, out) + "\n\n" + blk.detail(out, bs),
+           core.describe(cs, wall) + "\n\n" + core.detail(samples, cs)]
+    raw += [f"warning: {m}" for m in blk.problems(out)]
+    return Report(rows, raw)
+
+
+def markdown(rep: Report, plot_name: str | None) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    parts = [BEGIN,
+             f"_Generated by `{COMMAND}` on {when}, source {rev}. "
+             "Everything between the bench markers is rewritten by that command._", "",
+             "Machine: " + machine_line(), "",
+             "### Goals (issue 5)", "", goals_markdown(rep.rows), "",
+             "### Ratios (dvmm / peer, same invocation)", "", markdown_table(rep.rows), ""]
+    if plot_name:
+        parts += [f"![dvmm / peer per workload]({plot_name})", ""]
+    parts += ["### Raw numbers", "", "```text", "\n\n".join(rep.raw), "```", END]
+    return "\n".join(parts)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the bench markers of ``path``; refuse without them."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise RuntimeError(f"{path} has no {BEGIN} ... {END} section to rewrite")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(head + section + tail)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("all", help="every ratio benchmark (blk, core); can rewrite BENCHMARKS.md",
+                       description="Run dvmm bench blk and dvmm bench core with their defaults "
+                       "and print one ratio table; optionally rewrite the generated section of "
+                       "BENCHMARKS.md and draw the ratios to a PNG.")
+    p.add_argument("--quick", action="store_true", help="the benchmarks' smoke settings")
+    p.add_argument("--write", type=Path, metavar="MARKDOWN",
+                   help=f"rewrite the section between {BEGIN} and {END} of this file")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="draw the ratios to this PNG")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every run as it ends")
+    p.set_defaults(func=main_all)
+
+
+def main_all(args: argparse.Namespace) -> int:
+    def say(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+    rep = run_all(args.quick, say if args.verbose else lambda s: None)
+    print("\n\n".join(rep.raw))
+    print()
+    print(table(rep.rows))
+    if args.plot:
+        m = machine()
+        plot(rep.rows, args.plot, "dvmm / peer (blk: qemu-storage-daemon, core: QEMU), same "
+             f"invocation\n{m['cpus']} CPUs {m['cpu model']}, Linux {m['kernel']}, "
+             f"{m['kvm module']}")
+    if args.write:
+        name = None
+        if args.plot:
+            name = os.path.relpath(args.plot.resolve(), args.write.resolve().parent)
+        write_section(args.write, markdown(rep, name))
+    return 0
