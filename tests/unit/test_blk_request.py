@@ -26,6 +26,7 @@ from dvmm_blk.request import (
     Write,
     WriteZeroes,
     parse_request,
+    parse_simple,
     take_status,
 )
 from dvmm_shared.chain import ChainReader, ChainWriter
@@ -221,3 +222,32 @@ def test_random_requests_parse_or_raise_a_blk_error(readable: list[bytes],
         assert sum(len(b) for b in req.buf) <= 20
     else:
         assert req == Flush()
+
+
+@given(readable=readable_part(), writable=WRITABLE)
+def test_the_fast_path_agrees_with_the_general_parser(readable: list[bytes],
+                                                      writable: list[int]) -> None:
+    """parse_simple is a shortcut: whenever it answers, parse_request gives the
+    same request (same type, sector, byte count and buffers) and status byte."""
+    fast = parse_simple(views(readable), views(writable), LIMITS)
+    if fast is None:
+        event("general path")
+        return
+    event(f"fast {type(fast[0]).__name__}")
+    req, status = parse(readable, writable)
+    fast_req, fast_status = fast
+    assert type(fast_req) is type(req)
+    assert isinstance(req, (Read, Write)) and isinstance(fast_req, (Read, Write))
+    assert (fast_req.sector, fast_req.nbytes) == (req.sector, req.nbytes)
+    assert b"".join(fast_req.bufs) == b"".join(req.bufs)
+    assert len(fast_status) == len(status) == 1
+
+
+def test_fast_path_takes_the_common_layouts() -> None:
+    read = parse_simple(views([hdr(T.IN, 2)]), views([1024, 1]), LIMITS)
+    assert read is not None and isinstance(read[0], Read)
+    assert (read[0].sector, read[0].nbytes) == (2, 1024)
+    write = parse_simple(views([hdr(T.OUT, 3), b"x" * 512]), views([1]), LIMITS)
+    assert write is not None and isinstance(write[0], Write) and write[0].nbytes == 512
+    assert parse_simple(views([hdr(T.IN, CAPACITY)]), views([512, 1]), LIMITS) is None
+    assert parse_simple(views([hdr(T.FLUSH)]), views([1]), LIMITS) is None

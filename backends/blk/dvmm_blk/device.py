@@ -45,6 +45,7 @@ from .request import (
     Write,
     WriteZeroes,
     parse_request,
+    parse_simple,
     take_status,
 )
 
@@ -117,6 +118,14 @@ class BlkDevice(VhostUserBackend):
 
     # -- requests -------------------------------------------------------------
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        simple = parse_simple(chain.readable, chain.writable, self.limits)
+        if simple is not None:  # the common read/write layout, no stream objects
+            req, status_buf = simple
+            status = self.execute(req)
+            status_buf[0] = status
+            if status == VirtioBlkStatus.OK and isinstance(req, Read):
+                return req.nbytes + 1
+            return 1
         writer = ChainWriter(chain.writable)
         try:
             status_buf = take_status(writer)
@@ -156,7 +165,7 @@ class BlkDevice(VhostUserBackend):
         if isinstance(req, Read):
             disk.read(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
             st.reads += 1
-            st.bytes_read += sum(len(b) for b in req.bufs)
+            st.bytes_read += req.nbytes
             return VirtioBlkStatus.OK
         if isinstance(req, GetId):
             write_views(req.buf, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
@@ -168,7 +177,7 @@ class BlkDevice(VhostUserBackend):
         if isinstance(req, Write):
             disk.write(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
             st.writes += 1
-            st.bytes_written += sum(len(b) for b in req.bufs)
+            st.bytes_written += req.nbytes
         elif isinstance(req, Flush):
             disk.flush()
             st.flushes += 1

@@ -60,12 +60,14 @@ class UnsupportedRequestError(BlkRequestError):
 class Read:
     sector: int
     bufs: list[memoryview]
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class Write:
     sector: int
     bufs: list[memoryview]
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,14 @@ def parse_request(reader: ChainReader, writer: ChainWriter, limits: DiskLimits) 
     if rtype == VirtioBlkReqType.IN:
         _no_data(reader, "read")
         bufs = writer.take_rest()
-        _check_range(sector, _whole_sectors(bufs, "read"), limits)
-        return Read(sector, bufs)
+        count = _whole_sectors(bufs, "read")
+        _check_range(sector, count, limits)
+        return Read(sector, bufs, count * VIRTIO_BLK_SECTOR_SIZE)
     if rtype == VirtioBlkReqType.OUT:
         bufs = reader.take_rest()
-        _check_range(sector, _whole_sectors(bufs, "write"), limits)
-        return Write(sector, bufs)
+        count = _whole_sectors(bufs, "write")
+        _check_range(sector, count, limits)
+        return Write(sector, bufs, count * VIRTIO_BLK_SECTOR_SIZE)
     if rtype == VirtioBlkReqType.FLUSH:
         return Flush()
     if rtype == VirtioBlkReqType.GET_ID:
@@ -143,6 +147,36 @@ def parse_request(reader: ChainReader, writer: ChainWriter, limits: DiskLimits) 
         return WriteZeroes(_segments(reader, limits, limits.max_write_zeroes_seg,
                                      limits.max_write_zeroes_sectors, allow_unmap=True))
     raise UnsupportedRequestError(f"request type {rtype}")
+
+
+def parse_simple(readable: list[memoryview], writable: list[memoryview],
+                 limits: DiskLimits) -> tuple[Read | Write, memoryview] | None:
+    """The layout every driver uses for reads and writes, without stream objects.
+
+    The header is alone in the first readable buffer, the status alone in the
+    last writable one, and the data sits between them, in whole sectors
+    inside the disk.  Returns the request and the status byte; anything else
+    (other request types, other layouts, any error) returns None and goes
+    through :func:`parse_request`, which reports it.  A hot-path shortcut:
+    the result is exactly what ``parse_request`` gives for the same chain.
+    """
+    if not readable or not writable or len(readable[0]) != HEADER.size \
+            or len(writable[-1]) != 1:
+        return None
+    rtype, _reserved, sector = HEADER.unpack(readable[0])
+    if rtype == VirtioBlkReqType.IN and len(readable) == 1:
+        bufs = writable[:-1]
+    elif rtype == VirtioBlkReqType.OUT and len(writable) == 1:
+        bufs = readable[1:]
+    else:
+        return None
+    nbytes = sum(map(len, bufs))
+    if nbytes % VIRTIO_BLK_SECTOR_SIZE or \
+            sector + nbytes // VIRTIO_BLK_SECTOR_SIZE > limits.capacity:
+        return None
+    req = Read(sector, bufs, nbytes) if rtype == VirtioBlkReqType.IN else \
+        Write(sector, bufs, nbytes)
+    return req, writable[-1]
 
 
 def _no_data(reader: ChainReader, what: str) -> None:
