@@ -37,7 +37,6 @@ from .virtio import (
 )
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
@@ -158,6 +157,14 @@ class SplitQueue:
             self._used = mem.slice(layout.used_addr, layout.used_bytes)
         except GuestMemoryError as exc:
             raise RingError(f"ring not in guest memory: {exc}") from exc
+        # The ring words the driver and device share (flags, indices, event
+        # words) must each be one 16-bit load or store: struct's "<H" moves
+        # the two bytes separately, and a driver reading a torn used index
+        # (0x00FF -> 0x0100 seen as 0x01FF) reaps garbage.  A memoryview cast
+        # to "H" loads and stores the halfword whole (little-endian hosts,
+        # as virtio 1.x rings are).
+        self._avail_h = self._avail.cast("H")
+        self._used_h = self._used.cast("H")
         self.last_avail_idx = last_avail_idx & 0xFFFF
         # The used index normally equals the position we start from; a
         # restarted backend may be told otherwise (inflight recovery).
@@ -169,13 +176,13 @@ class SplitQueue:
 
     # -- available ring -------------------------------------------------
     def avail_idx(self) -> int:
-        return int(_U16.unpack_from(self._avail, 2)[0])
+        return int(self._avail_h[1])
 
     def avail_flags(self) -> int:
-        return int(_U16.unpack_from(self._avail, 0)[0])
+        return int(self._avail_h[0])
 
     def used_event(self) -> int:
-        return int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
+        return int(self._avail_h[2 + self.size])
 
     def pending(self) -> int:
         """How many chains the driver has made available and we have not popped."""
@@ -193,7 +200,7 @@ class SplitQueue:
         if not self.pending():
             return None
         slot = self.last_avail_idx % self.size
-        head = int(_U16.unpack_from(self._avail, 4 + 2 * slot)[0])
+        head = int(self._avail_h[2 + slot])
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return self._walk(head)
 
@@ -264,7 +271,7 @@ class SplitQueue:
         _USED_ELEM.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * slot, head, written)
         # x86 keeps stores in order, so the element is visible before the index.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)
+        self._used_h[1] = self.used_idx
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
@@ -286,9 +293,9 @@ class SplitQueue:
         device that drains the ring the two are the same."""
         seen = self._avail_seen
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, seen)
+            self._used_h[2 + 4 * self.size] = seen  # avail_event, after the used ring
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used_h[0] = 0
         memory_fence()
         self.pending()
         return self._avail_seen != seen
@@ -296,9 +303,9 @@ class SplitQueue:
     def disable_notification(self) -> None:
         """Tell the driver kicks are not needed while we are polling the ring."""
         if not self.event_idx:
-            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used_h[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def release(self) -> None:
         """Drop the ring views so the memory can be unmapped."""
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._avail_h, self._used_h, self._desc, self._avail, self._used):
             view.release()
