@@ -120,12 +120,7 @@ class BlkDevice(VhostUserBackend):
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         simple = parse_simple(chain.readable, chain.writable, self.limits)
         if simple is not None:  # the common read/write layout, no stream objects
-            req, status_buf = simple
-            status = self.execute(req)
-            status_buf[0] = status
-            if status == VirtioBlkStatus.OK and isinstance(req, Read):
-                return req.nbytes + 1
-            return 1
+            return self._serve_simple(*simple)
         writer = ChainWriter(chain.writable)
         try:
             status_buf = take_status(writer)
@@ -141,6 +136,13 @@ class BlkDevice(VhostUserBackend):
             status = self._refuse(queue_index, exc)
         status_buf[0] = status
         return writer.consumed + 1 if status == VirtioBlkStatus.OK else 1
+
+    def _serve_simple(self, req: Read | Write, status_buf: memoryview) -> int:
+        status = self.execute(req)
+        status_buf[0] = status
+        if status == VirtioBlkStatus.OK and isinstance(req, Read):
+            return req.nbytes + 1
+        return 1
 
     def _refuse(self, queue_index: int, exc: BlkRequestError) -> int:
         if exc.status_unsupported:
