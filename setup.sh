@@ -12,6 +12,7 @@ PACKAGES=(
   seabios ipxe-qemu
   busybox-static cpio kmod e2fsprogs binutils gcc libc6-dev
   iproute2 dnsmasq-base socat
+  dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23
 )
 
 if [ "${DVMM_SKIP_APT:-0}" != 1 ]; then

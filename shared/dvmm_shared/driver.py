@@ -21,10 +21,9 @@ from .virtio import (
     VIRTQ_DESC_SIZE,
     VIRTQ_USED_ELEM_SIZE,
 )
-from .virtqueue import RingLayout, vring_need_event
+from .virtqueue import RingLayout, memory_fence, vring_need_event
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
@@ -66,6 +65,20 @@ class DriverQueue:
         zero = bytes(layout.used_addr + 6 + VIRTQ_USED_ELEM_SIZE * self.size - layout.desc_addr)
         mem.write(layout.desc_addr, zero)
 
+    # -- ring words shared with the device --------------------------------
+    # The device reads and writes these while the driver runs, so each must be
+    # one 16-bit load or store.  Measured on CPython 3.11: struct.pack_into
+    # with "<H" stores the two bytes one at a time, and bytes(view) may load
+    # them one at a time (memcpy), so either can tear at a carry (0x00FF ->
+    # 0x0100 read as 0x0000 or 0x01FF) and a torn used index reaps garbage.
+    # A memoryview cast to "H" loads and stores the halfword whole.  Ring
+    # words are little-endian (virtio 1.x); so is every host dvmm runs on.
+    def _u16(self, addr: int) -> int:
+        return int(self.mem.slice(addr, 2).cast("H")[0])
+
+    def _put_u16(self, addr: int, value: int) -> None:
+        self.mem.slice(addr, 2).cast("H")[0] = value & 0xFFFF
+
     # -- raw access, for hostile tests ------------------------------------
     def write_desc(self, index: int, addr: int, length: int, flags: int, nxt: int) -> None:
         self.mem.write(self.layout.desc_addr + VIRTQ_DESC_SIZE * index,
@@ -74,18 +87,18 @@ class DriverQueue:
     def publish(self, head: int) -> None:
         """Put ``head`` in the available ring and advance the index."""
         slot = self.avail_idx % self.size
-        self.mem.write(self.layout.avail_addr + 4 + 2 * slot, _U16.pack(head))
+        self._put_u16(self.layout.avail_addr + 4 + 2 * slot, head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
 
     def set_avail_idx(self, idx: int) -> None:
-        self.mem.write(self.layout.avail_addr + 2, _U16.pack(idx & 0xFFFF))
+        self._put_u16(self.layout.avail_addr + 2, idx)
 
     def set_avail_flags(self, flags: int) -> None:
-        self.mem.write(self.layout.avail_addr, _U16.pack(flags))
+        self._put_u16(self.layout.avail_addr, flags)
 
     def set_used_event(self, idx: int) -> None:
-        self.mem.write(self.layout.avail_addr + 4 + 2 * self.size, _U16.pack(idx & 0xFFFF))
+        self._put_u16(self.layout.avail_addr + 4 + 2 * self.size, idx)
 
     # -- normal driver operations -----------------------------------------
     def add(self, bufs: Sequence[Buf], *, indirect_at: int | None = None,
@@ -124,11 +137,15 @@ class DriverQueue:
         return len(self._free)
 
     def used_idx(self) -> int:
-        return int(_U16.unpack(self.mem.read(self.layout.used_addr + 2, 2))[0])
+        return self._u16(self.layout.used_addr + 2)
 
     def get_used(self) -> list[tuple[int, int]]:
         """Reap all new used elements as ``(head, written_len)``; frees descriptors."""
         out: list[tuple[int, int]] = []
+        # The used_event the last call published must be visible before the
+        # used index is read again, or driver and device can both miss the
+        # other's store and nobody notifies (the driver half of 2.7.10).
+        memory_fence()
         end = self.used_idx()
         while self.last_used != end:
             slot = self.last_used % self.size
@@ -143,14 +160,15 @@ class DriverQueue:
 
     def avail_event(self) -> int:
         off = self.layout.used_addr + 4 + VIRTQ_USED_ELEM_SIZE * self.size
-        return int(_U16.unpack(self.mem.read(off, 2))[0])
+        return self._u16(off)
 
     def used_flags(self) -> int:
-        return int(_U16.unpack(self.mem.read(self.layout.used_addr, 2))[0])
+        return self._u16(self.layout.used_addr)
 
     def should_kick(self) -> bool:
         """Whether the device asked for a notification for what we published."""
         old, self._kicked_at = self._kicked_at, self.avail_idx
+        memory_fence()  # the new available index before avail_event is read (2.7.10)
         if self.event_idx:
             return vring_need_event(self.avail_event(), self.avail_idx, old)
         return not self.used_flags() & 1

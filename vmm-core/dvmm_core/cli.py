@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo_vm, run
     from .bench import blk as bench_blk
     from .bench import core as bench_core
+    from .bench import net as bench_net
     from .bench import report as bench_report
     from .bench import startup
     from .boot import demo as demo_disk
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     startup.add_parser(benches)
     bench_blk.add_parser(benches)
     bench_core.add_parser(benches)
+    bench_net.add_parser(benches)
     bench_report.add_parser(benches)
     return parser
 
