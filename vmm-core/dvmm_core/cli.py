@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from dvmm_shared.cli import run_main
+from dvmm_shared.cli import UsageError, run_main
 
 DESCRIPTION = """\
 dvmm: a multiprocess, disaggregated KVM virtual machine monitor.  Every
@@ -68,7 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main("dvmm", lambda: int(args.func(args)))
+    return run_main("dvmm", lambda: int(_bench_errors(args.func)(args)
+                                        if args.command == "bench" else args.func(args)))
+
+
+def _bench_errors(func: Callable[[argparse.Namespace], int]
+                  ) -> Callable[[argparse.Namespace], int]:
+    """A benchmark that cannot run (a peer missing, a backend not starting)
+    reports that, with the peer's log, instead of a traceback."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (RuntimeError, OSError) as exc:
+            raise UsageError(f"bench {args.bench}: {exc}") from None
+    return wrapped
 
 
 if __name__ == "__main__":

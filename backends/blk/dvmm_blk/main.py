@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 
 from dvmm_shared.cli import (
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     serial = args.serial if args.serial is not None else default_serial(args.image)
     device = BlkDevice(disk, queues=args.queues, serial=serial)
     try:
-        daemon = make_daemon(device, args)
+        daemon = Daemon.listening(device, args.socket, args.fd)
     except OSError as exc:
         disk.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
@@ -105,13 +104,6 @@ def run(args: argparse.Namespace) -> int:
     daemon.serve_forever()
     log.info("stopped: %s", device.stats)
     return 0
-
-
-def make_daemon(device: BlkDevice, args: argparse.Namespace) -> Daemon:
-    if args.fd is not None:
-        sock = socket.socket(fileno=args.fd)
-        return Daemon.from_listener(device, sock)
-    return Daemon(device, args.socket)
 
 
 def default_serial(image: str) -> str:

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import re
-import socket
 import sys
 
 from dvmm_shared.cli import (
@@ -155,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     device = NetDevice(link, mac=mac, mtu=args.mtu, queue_pairs=queues,
                        config_space=not args.no_config_space)
     try:
-        daemon = make_daemon(device, args)
+        daemon = Daemon.listening(device, args.socket, args.fd)
     except OSError as exc:
         link.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
@@ -165,12 +164,6 @@ def run(args: argparse.Namespace) -> int:
     daemon.serve_forever()
     log.info("stopped: %s", device.stats().summary())
     return 0
-
-
-def make_daemon(device: NetDevice, args: argparse.Namespace) -> Daemon:
-    if args.fd is not None:
-        return Daemon.from_listener(device, socket.socket(fileno=args.fd))
-    return Daemon(device, args.socket)
 
 
 def main(argv: list[str] | None = None) -> int:

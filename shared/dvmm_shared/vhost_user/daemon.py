@@ -528,6 +528,17 @@ class Daemon:
         self._setup(backend, bind_unix_socket(socket_path), socket_path)
 
     @classmethod
+    def listening(cls, backend: VhostUserBackend, socket_path: str | None,
+                  fd: int | None) -> Daemon:
+        """The backend program conventions: a socket path to create, or an
+        inherited, already-listening socket (``--fd``)."""
+        if fd is not None:
+            return cls.from_listener(backend, socket.socket(fileno=fd))
+        if socket_path is None:
+            raise ValueError("a socket path or a listening fd is needed")
+        return cls(backend, socket_path)
+
+    @classmethod
     def from_listener(cls, backend: VhostUserBackend, listener: socket.socket) -> Daemon:
         """Serve on an inherited listening socket (``--fd``); nothing to unlink."""
         self = cls.__new__(cls)

@@ -368,6 +368,7 @@ def backend(kind: str, ns: str, work: Path) -> Iterator[Backend]:
                 "--vdev", f"net_vhost0,iface={sock},queues=1",
                 "--vdev", f"net_tap0,iface={tap}", "--", "--forward-mode=io",
                 "--total-num-mbufs=16384", "--stats-period", "3600"]
+    sock.unlink(missing_ok=True)  # left by the previous round's process
     proc = spawn(["ip", "netns", "exec", ns, *argv], log)
     try:
         deadline = time.monotonic() + 30
