@@ -43,6 +43,7 @@ from typing import Any
 
 import psutil
 from dvmm_shared.driver import Buf
+from dvmm_shared.procs import log_tail, spawn, stop
 from dvmm_shared.synthetic import SyntheticVM
 from dvmm_shared.virtio import (
     VIRTIO_BLK_F_FLUSH,
@@ -58,11 +59,8 @@ from .report import (
     LOWER,
     Compared,
     load_line,
-    log_tail,
     machine_line,
     median,
-    spawn,
-    stop,
     table,
 )
 

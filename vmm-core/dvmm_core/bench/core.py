@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from dvmm_shared.procs import log_tail
 
 from ..kvm import Kvm, VcpuRunner
 from ..machine.bus import Bus
-from .report import HIGHER, LOWER, Compared, load_line, log_tail, machine_line, median, table
+from .report import HIGHER, LOWER, Compared, load_line, machine_line, median, table
 
 PEER = "qemu"
 ROM_SIZE = 0x10000

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dvmm_shared.driver import Buf
+from dvmm_shared.procs import log_tail, spawn, stop
 from dvmm_shared.synthetic import SyntheticVM
 from dvmm_shared.virtio import (
     VIRTIO_F_RING_EVENT_IDX,
@@ -50,11 +51,8 @@ from .report import (
     HIGHER,
     Compared,
     load_line,
-    log_tail,
     machine_line,
     median,
-    spawn,
-    stop,
     table,
 )
 

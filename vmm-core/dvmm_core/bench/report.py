@@ -13,12 +13,10 @@ It measures nothing itself.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -218,38 +216,7 @@ def load_line() -> str:
     return f"load average at the end: {one:.2f} (1 min), {five:.2f} (5 min){busy}"
 
 
-# --- child processes -----------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start a peer or backend: output to ``log``, killed if this process dies."""
-    with log.open("ab") as out:
-        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM, a bounded wait, then SIGKILL; the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
-
-
-def log_tail(log: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+# --- child processes: dvmm_shared.procs (spawn, stop, log_tail) -------------------------
 
 
 def median(values: Iterable[float]) -> float:

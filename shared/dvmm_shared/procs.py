@@ -1,0 +1,79 @@
+"""Helper child processes that cannot leak (test peers, benchmark peers).
+
+Owns how the test harness and the benchmarks start helper programs (QEMU,
+backends, peers such as qemu-storage-daemon or testpmd) and how they end
+them: the child dies with the test process (``PR_SET_PDEATHSIG``) even
+if pytest is killed, its output goes to a log file rather than a pipe that
+could fill up, and stopping is SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Runs between fork and exec: SIGKILL the child when the parent thread dies.
+
+    The signal follows the *thread* that forked, so start children from a
+    thread that lives as long as they should (pytest's main thread does).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(
+    argv: Sequence[str],
+    log_path: Path,
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start *argv* with stdout and stderr appended to *log_path*, stdin null."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=tuple(pass_fds),
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """End *proc*: SIGTERM, wait up to *timeout*, then SIGKILL; return its status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """The exit status if *proc* ends within *timeout* seconds, else None."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last *lines* lines of a log file ('' if it does not exist)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+__all__ = ["log_tail", "spawn", "stop", "wait_exit"]
