@@ -494,7 +494,10 @@ def test_frontend_leaving_resets_the_device(tmp_path: Path) -> None:
         wait_for(lambda: pair.watching == READ, "the link to be watched")
         r.vm.close()
         wait_for(lambda: not pair.rx_running and pair.watching == 0, "the rings to stop")
-        assert r.link.configured[-1] == (10, 0)  # offloads off until the next driver
+        # The device reset comes after the rings stop, on the daemon's thread:
+        # wait for it rather than race it.  Offloads are off until the next driver.
+        wait_for(lambda: r.link.configured[-1] == (10, 0), "the device reset")
+        assert r.link.configured[-1] == (10, 0)
 
 
 # -- two devices over a peer link ----------------------------------------------------
