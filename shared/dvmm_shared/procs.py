@@ -12,20 +12,22 @@ from __future__ import annotations
 import ctypes
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """Runs between fork and exec: SIGKILL the child when the parent thread dies.
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies.
 
-    The signal follows the *thread* that forked, so start children from a
-    thread that lives as long as they should (pytest's main thread does).
+    It runs between fork and exec.  The signal follows the *thread* that
+    forked, so start children from a thread that lives as long as they should
+    (pytest's main thread, the core's main thread do).
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    def preexec() -> None:  # pragma: no cover - runs in the forked child
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    return preexec
 
 
 def spawn(
@@ -43,7 +45,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             pass_fds=tuple(pass_fds),
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
         )
 
 

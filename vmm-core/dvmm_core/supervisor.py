@@ -10,7 +10,6 @@ the core shuts down.  psutil reports their RSS and CPU time.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -25,10 +24,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import psutil
+from dvmm_shared.procs import die_with_parent
 
 log = logging.getLogger("dvmm.supervisor")
 
-PR_SET_PDEATHSIG = 1
 STOP_GRACE = 5.0
 
 
@@ -75,11 +74,6 @@ class Backend:
             return {}
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
 class Supervisor:
     """Spawns backends with sockets in a private runtime directory."""
 
@@ -106,7 +100,7 @@ class Supervisor:
         backend = Backend(name, argv, socket)
         try:
             backend.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=die_with_parent(signal.SIGTERM))
         except OSError as exc:
             raise SupervisorError(f"cannot start backend {name}: {exc.strerror}") from None
         backend.state = BackendState.RUNNING

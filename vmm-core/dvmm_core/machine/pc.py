@@ -21,7 +21,7 @@ import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dvmm_shared.memory import GuestMemory, Region, RegionSpec
+from dvmm_shared.memory import GuestMemory, Region, RegionSpec, buffer_address
 from dvmm_shared.virtio import VirtioDeviceId
 
 from ..kvm import Kvm, Vcpu, VcpuRunner, Vm
@@ -114,7 +114,7 @@ class GuestRam:
             os.close(self.fd)
             raise MachineError(_ram_error(layout.total, hugepages, exc)) from None
         self._whole = whole
-        self.host_base = _address_of(whole.view)
+        self.host_base = buffer_address(whole.view)
         self.regions = [Region(c.guest_addr, c.size, self.host_base + c.fd_offset, c.fd_offset,
                                whole.view[c.fd_offset:c.fd_offset + c.size], whole._mapping)
                         for c in layout.chunks]
@@ -145,12 +145,6 @@ def check_hugepages(size: int, meminfo: str = "/proc/meminfo") -> None:
         raise MachineError(
             f"--hugepages needs {size // page} free hugepages of {page >> 10} KiB, the host has "
             f"{free // page} (reserve them in /proc/sys/vm/nr_hugepages)")
-
-
-def _address_of(view: memoryview) -> int:
-    import ctypes
-
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def _ram_error(size: int, hugepages: bool, exc: OSError) -> str:
@@ -313,8 +307,8 @@ class Machine:
     def _map_bios(self, vm: Vm) -> None:
         assert self.bios is not None
         size = len(self.bios)
-        vm.set_user_memory_region(SLOT_BIOS, FOUR_GIB - size, size, _mmap_address(self.bios),
-                                  readonly=True)
+        vm.set_user_memory_region(SLOT_BIOS, FOUR_GIB - size, size,
+                                  buffer_address(memoryview(self.bios)), readonly=True)
         # The last 128 KiB also appear below 1 MiB; SeaBIOS shadows them
         # there itself (PAM writes are accepted and need no remapping because
         # this copy is plain RAM), so refresh it from the pristine image.
@@ -411,10 +405,4 @@ class Machine:
         self.pump.close()
         self.kvm.close()
         os.close(self.ram.fd)
-
-
-def _mmap_address(m: mmap.mmap) -> int:
-    import ctypes
-
-    return ctypes.addressof(ctypes.c_char.from_buffer(m))
 
