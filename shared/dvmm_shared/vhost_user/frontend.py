@@ -9,6 +9,7 @@ It knows nothing of PCI or KVM: the caller decides addresses and fds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,9 @@ from .connection import Connection, Message
 from .message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    InflightInfo,
     MemRegion,
+    MessageError,
     ProtocolFeature,
     Request,
     VringAddr,
@@ -71,9 +74,15 @@ class Frontend:
         return self._reply(request).payload
 
     def _reply(self, request: Request) -> Message:
-        msg = self.conn.recv()
+        msg = self._reply_with_fds(request)
         msg.close_fds()
+        return msg
+
+    def _reply_with_fds(self, request: Request) -> Message:
+        """The reply to ``request``; the caller owns (and must close) its fds."""
+        msg = self.conn.recv()
         if not msg.header.is_reply or msg.header.request != request:
+            msg.close_fds()
             raise FrontendError(
                 f"expected a reply to {request.name}, got {request_name(msg.header.request)}")
         return msg
@@ -151,6 +160,32 @@ class Frontend:
         """Stop a ring; returns the backend's next available index."""
         payload = self._call(Request.GET_VRING_BASE, VringState(index, 0).encode())
         return VringState.decode(payload).num
+
+    # -- in-flight tracking (INFLIGHT_SHMFD, "Inflight I/O tracking") ----------
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, InflightInfo]:
+        """Ask the backend for a (zeroed) in-flight region for ``num_queues``
+        rings of ``queue_size``; returns the region's fd (the caller owns it)
+        and its description, to hand back with :meth:`set_inflight_fd`."""
+        self.conn.send(Request.GET_INFLIGHT_FD,
+                       InflightInfo(0, 0, num_queues, queue_size).encode())
+        msg = self._reply_with_fds(Request.GET_INFLIGHT_FD)
+        try:
+            info = InflightInfo.decode(msg.payload)
+        except MessageError as exc:
+            msg.close_fds()
+            raise FrontendError(f"GET_INFLIGHT_FD: {exc}") from exc
+        fd = msg.take_fd()
+        if info.mmap_size == 0 or fd is None:
+            if fd is not None:
+                os.close(fd)
+            raise FrontendError(
+                f"backend refused GET_INFLIGHT_FD for {num_queues} queues of {queue_size}"
+                if info.mmap_size == 0 else "GET_INFLIGHT_FD reply without an fd")
+        return fd, info
+
+    def set_inflight_fd(self, fd: int, info: InflightInfo) -> None:
+        """Hand the in-flight region back (before the rings are started)."""
+        self._send(Request.SET_INFLIGHT_FD, info.encode(), [fd])
 
     # -- config ---------------------------------------------------------------
     def get_config(self, offset: int, size: int) -> bytes:

@@ -155,6 +155,11 @@ _VRING_ADDR = struct.Struct("<IIQQQQ")
 _MEM_HDR = struct.Struct("<II")
 _MEM_REGION = struct.Struct("<QQQQ")
 _CONFIG_HDR = struct.Struct("<III")
+# VhostUserInflight: {u64 mmap_size; u64 mmap_offset; u16 num_queues;
+# u16 queue_size} is 20 bytes of fields, but C pads the struct to 24 and
+# QEMU and libvhost-user check the size against sizeof(): send 24.
+_INFLIGHT = struct.Struct("<QQHH4x")
+_INFLIGHT_PACKED_SIZE = 20
 
 
 def _exact(payload: bytes, size: int, what: str) -> None:
@@ -270,6 +275,30 @@ class ConfigSpace:
 
     def encode(self) -> bytes:
         return _CONFIG_HDR.pack(self.offset, self.size, self.flags) + self.data
+
+
+@dataclass(frozen=True)
+class InflightInfo:
+    """GET_INFLIGHT_FD / SET_INFLIGHT_FD payload ("Inflight description").
+
+    Only the wire format: whether the numbers make sense is the receiver's
+    business (:mod:`dvmm_shared.inflight` checks them)."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    @classmethod
+    def decode(cls, payload: bytes) -> InflightInfo:
+        if len(payload) == _INFLIGHT_PACKED_SIZE:  # a packed sender: no tail padding
+            payload = bytes(payload) + bytes(_INFLIGHT.size - _INFLIGHT_PACKED_SIZE)
+        _exact(payload, _INFLIGHT.size, "inflight description")
+        return cls(*_INFLIGHT.unpack(payload))
+
+    def encode(self) -> bytes:
+        return _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues,
+                              self.queue_size)
 
 
 def decode_vring_fd_index(payload: bytes) -> tuple[int, bool]:
