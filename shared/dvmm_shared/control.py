@@ -94,7 +94,7 @@ def _bind(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close()
-        raise ControlError(f"cannot bind {endpoint}: {exc.strerror}") from None
+        raise ControlError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno or 0)}") from None
     return sock
 
 

@@ -4,7 +4,9 @@ Owns the image file descriptor and the system calls: ``os.preadv`` and
 ``os.pwritev`` straight between the file and guest-memory slices (zero
 copy), ``fdatasync`` for FLUSH, ``fallocate`` hole punching and zero ranges
 for DISCARD and WRITE_ZEROES.  The :class:`Disk` protocol is what the device
-depends on, so a unit test can hand it a fake.
+depends on, so a unit test can hand it a fake.  :class:`FaultyDisk` wraps any
+disk to fail chosen operations with a chosen errno on command (the control
+endpoint's ``fault error``): the device turns that into VIRTIO_BLK_S_IOERR.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from dvmm_shared.virtio import VIRTIO_BLK_SECTOR_SIZE
@@ -126,6 +130,94 @@ class RawDisk:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: Which disk operations each ``op`` of an injected error matches.  Flush,
+#: discard and write-zeroes count as writes: they are where a full or failing
+#: disk reports a write error (an fsync is where Linux surfaces ENOSPC).
+FAULT_OPS = {
+    "read": frozenset({"read"}),
+    "write": frozenset({"write", "flush", "discard", "write_zeroes"}),
+    "any": frozenset({"read", "write", "flush", "discard", "write_zeroes"}),
+}
+FAULT_ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
+
+
+@dataclass
+class InjectedError:
+    """An armed error: fail ``ops`` with ``err``, ``remaining`` times (None: until cleared)."""
+
+    err: int
+    ops: frozenset[str]
+    remaining: int | None
+
+
+class FaultyDisk:
+    """A :class:`Disk` that fails matching operations while an error is armed.
+
+    Armed and cleared from the control thread, consumed on the daemon's loop:
+    a lock guards the armed error (the unarmed fast path reads one attribute)."""
+
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
+        self.size = disk.size
+        self.read_only = disk.read_only
+        self.injected = 0  # operations failed on purpose, for stats
+        self._armed: InjectedError | None = None
+        self._lock = threading.Lock()
+
+    def inject_error(self, err: int, op: str, count: int | None) -> None:
+        if op not in FAULT_OPS:
+            raise ValueError(f"op must be one of {', '.join(FAULT_OPS)}, not {op!r}")
+        if count is not None and count < 1:
+            raise ValueError(f"count must be at least 1, not {count}")
+        with self._lock:
+            self._armed = InjectedError(err, FAULT_OPS[op], count)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._armed = None
+
+    @property
+    def armed(self) -> InjectedError | None:
+        return self._armed
+
+    def _check(self, op: str) -> None:
+        if self._armed is None:
+            return
+        with self._lock:
+            armed = self._armed
+            if armed is None or op not in armed.ops:
+                return
+            if armed.remaining is not None:
+                armed.remaining -= 1
+                if armed.remaining <= 0:
+                    self._armed = None
+            self.injected += 1
+        raise OSError(armed.err, f"injected fault: {os.strerror(armed.err)} on {op}")
+
+    def read(self, offset: int, bufs: list[memoryview]) -> None:
+        self._check("read")
+        self.disk.read(offset, bufs)
+
+    def write(self, offset: int, bufs: list[memoryview]) -> None:
+        self._check("write")
+        self.disk.write(offset, bufs)
+
+    def flush(self) -> None:
+        self._check("flush")
+        self.disk.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check("discard")
+        self.disk.discard(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._check("write_zeroes")
+        self.disk.write_zeroes(offset, length, unmap)
+
+    def close(self) -> None:
+        self.disk.close()
 
 
 def _vector_io(call: object, fd: int, offset: int, bufs: list[memoryview], what: str) -> None:

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
+from typing import Any
 
 from dvmm_shared.cli import (
     ArgumentParser,
@@ -24,10 +26,12 @@ from dvmm_shared.cli import (
     run_main,
     setup_logging,
 )
+from dvmm_shared.control import CommandServer, ControlError
+from dvmm_shared.vhost_user.control_host import add_control_argument, start_control
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import BlkDevice
-from .disk import DiskError, RawDisk
+from .disk import Disk, DiskError, FaultyDisk, RawDisk
 
 log = logging.getLogger("dvmm.blk")
 
@@ -63,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serial", default=None, metavar="ID",
                    help="serial number returned by GET_ID (max 20 bytes; "
                         "default: dvmm- and the image file name)")
+    add_control_argument(p)
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user capabilities as JSON and exit")
     add_logging_args(p)
@@ -87,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--queues must be 1..64, not {args.queues}")
     setup_logging("dvmm-blk", args.verbose, args.quiet)
     try:
-        disk = RawDisk(args.image, read_only=args.read_only)
+        raw = RawDisk(args.image, read_only=args.read_only)
     except DiskError as exc:
         raise UsageError(str(exc)) from None
+    # Error injection only where someone can arm it: the plain data path stays as it was.
+    disk: Disk = FaultyDisk(raw) if args.control else raw
     serial = args.serial if args.serial is not None else default_serial(args.image)
     device = BlkDevice(disk, queues=args.queues, serial=serial)
     try:
@@ -97,13 +104,33 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         disk.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
+    control = serve_commands(args.control, daemon, device) if args.control else None
     daemon.install_signal_handlers()
     log.info("serving %s (%d bytes%s, %d queue%s)", args.image, disk.size,
              ", read-only" if disk.read_only else "", args.queues,
              "s" if args.queues > 1 else "")
-    daemon.serve_forever()
+    try:
+        daemon.serve_forever()
+    finally:
+        if control is not None:
+            control.close()
     log.info("stopped: %s", device.stats)
     return 0
+
+
+def serve_commands(endpoint: str, daemon: Daemon, device: BlkDevice) -> CommandServer:
+    """The ``--control`` endpoint: health, stats (with the blk counters), faults."""
+    faulty = device.disk if isinstance(device.disk, FaultyDisk) else None
+
+    def device_stats() -> dict[str, Any]:
+        injected = {"injected_errors": faulty.injected} if faulty is not None else {}
+        return {**asdict(device.stats), **injected}
+
+    try:
+        return start_control(daemon, endpoint, device_stats, faulty)
+    except ControlError as exc:
+        daemon.close()
+        raise UsageError(str(exc)) from None
 
 
 def default_serial(image: str) -> str:

@@ -24,6 +24,8 @@ from dvmm_shared.cli import (
     run_main,
     setup_logging,
 )
+from dvmm_shared.control import CommandServer, ControlError
+from dvmm_shared.vhost_user.control_host import add_control_argument, start_control
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import MAX_MTU, MIN_MTU, NetDevice
@@ -82,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not offer VHOST_USER_PROTOCOL_F_CONFIG: needed by QEMU 7.2, "
                         "whose vhost-user-net crashes when offered it (QEMU keeps the "
                         "net config space itself; the dvmm core reads it from here)")
+    add_control_argument(p)
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user capabilities as JSON and exit")
     add_logging_args(p)
@@ -158,12 +161,26 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         link.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
+    control = serve_commands(args.control, daemon, device) if args.control else None
     daemon.install_signal_handlers()
     log.info("serving %s as %s (%d queue pair%s, mtu %s)", link.description, args.mac.lower(),
              queues, "s" if queues > 1 else "", args.mtu or "not advertised")
-    daemon.serve_forever()
+    try:
+        daemon.serve_forever()
+    finally:
+        if control is not None:
+            control.close()
     log.info("stopped: %s", device.stats().summary())
     return 0
+
+
+def serve_commands(endpoint: str, daemon: Daemon, device: NetDevice) -> CommandServer:
+    """The ``--control`` endpoint: health, stats (with the net counters), faults."""
+    try:
+        return start_control(daemon, endpoint, lambda: device.stats().as_dict())
+    except ControlError as exc:
+        daemon.close()
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
