@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def disk(tmp_path: Path) -> FaultyDisk:
 def ops(disk: FaultyDisk) -> dict[str, int | None]:
     """Run every operation once: the errno each one failed with (None: it worked)."""
     buf = memoryview(bytearray(512))
-    calls = {
+    calls: dict[str, Callable[[], None]] = {
         "read": lambda: disk.read(0, [buf]),
         "write": lambda: disk.write(512, [buf]),
         "flush": disk.flush,
