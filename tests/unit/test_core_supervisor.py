@@ -20,7 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 from dvmm_core import supervisor as supervisor_mod
-from dvmm_core.supervisor import Backend, BackendState, Supervisor, SupervisorError
+from dvmm_core.supervisor import (
+    Backend,
+    BackendState,
+    RestartPolicy,
+    RestartSpec,
+    Supervisor,
+    SupervisorError,
+)
 
 LISTENER = textwrap.dedent("""
     import signal, socket, sys, time
@@ -31,6 +38,9 @@ LISTENER = textwrap.dedent("""
     s.listen()
     time.sleep(60)
 """)
+
+
+NEVER = RestartSpec(policy=RestartPolicy.NEVER)
 
 
 def listener(sock: str, *extra: str) -> list[str]:
@@ -93,7 +103,7 @@ def test_wait_for_socket_returns_once_the_child_listens(sup: Supervisor,
 
 def test_child_exiting_before_listening(sup: Supervisor, exits: Exits) -> None:
     sock = sup.socket_path("blk0")
-    b = sup.spawn("blk0", [sys.executable, "-c", "import sys; sys.exit(3)"], sock)
+    b = sup.spawn("blk0", [sys.executable, "-c", "import sys; sys.exit(3)"], sock, restart=NEVER)
     with pytest.raises(SupervisorError, match="blk0 exited with status 3 before listening"):
         sup.wait_for_socket(b, timeout=15)
     assert exits.event.wait(10)
@@ -125,7 +135,8 @@ def test_an_unstartable_backend(sup: Supervisor, tmp_path: Path) -> None:
 
 
 def test_a_killed_child_is_reported(sup: Supervisor, exits: Exits) -> None:
-    b = sup.spawn("blk0", listener(sup.socket_path("blk0")), sup.socket_path("blk0"))
+    b = sup.spawn("blk0", listener(sup.socket_path("blk0")), sup.socket_path("blk0"),
+                  restart=NEVER)
     sup.wait_for_socket(b, timeout=15)
     os.kill(b.pid, signal.SIGKILL)
     assert exits.event.wait(10), "on_exit was not called"
@@ -136,7 +147,7 @@ def test_a_killed_child_is_reported(sup: Supervisor, exits: Exits) -> None:
 
 def test_a_child_exit_status_is_reported(sup: Supervisor, exits: Exits) -> None:
     b = sup.spawn("blk0", [sys.executable, "-c", "import sys; sys.exit(7)"],
-                  sup.socket_path("blk0"))
+                  sup.socket_path("blk0"), restart=NEVER)
     assert exits.event.wait(10)
     assert b.describe_exit() == "exited with status 7"
 

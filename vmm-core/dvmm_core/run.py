@@ -21,10 +21,11 @@ from collections.abc import Callable
 
 import psutil
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
+from dvmm_shared.control import ControlError
 
 from .kvm import KvmError, probe_host
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
-from .supervisor import SupervisorError
+from .supervisor import RestartPolicy, RestartSpec, SupervisorError
 from .vhost_user_frontend import LinkDown
 
 log = logging.getLogger("dvmm.run")
@@ -48,6 +49,14 @@ examples:
   dvmm run --vhost-user-blk /run/qsd/blk.sock
   dvmm run --net tap=tap0,mac=52:54:00:12:34:56       (iPXE network boot)
   dvmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0" --disk root.img
+  dvmm run --disk a.img,restart=never --restart always
+
+Crash recovery: a backend that dies is restarted by its policy (--restart,
+or restart= per device) and the core reconnects and replays the device
+set-up and the requests that were in flight; the guest sees only a pause.
+External backends (--vhost-user-blk, --net socket=) are not restarted by
+dvmm, but the core reconnects whenever one listens again.  Watch it with
+`dvmm events`, `dvmm status`; inject faults with `dvmm fault`.
 
 On a terminal the serial console is raw: press Ctrl-A then x to quit.
 """
@@ -67,14 +76,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
     p.add_argument("--cmdline", default="console=ttyS0 reboot=k panic=1 pci=conf1",
                    help="kernel command line for --kernel")
-    p.add_argument("--disk", action="append", default=[], metavar="IMAGE[,read-only]",
+    p.add_argument("--disk", action="append", default=[],
+                   metavar="IMAGE[,read-only][,restart=POLICY]",
                    help="a virtio-blk disk served by a dvmm blk backend process (repeatable)")
     p.add_argument("--vhost-user-blk", action="append", default=[], metavar="SOCKET",
                    help="a virtio-blk disk served by an external vhost-user backend")
     p.add_argument("--net", action="append", default=[],
-                   metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N]",
+                   metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N][,restart=P]",
                    help="a virtio-net NIC served by a dvmm net backend on a TAP device or "
                         "a VM-to-VM peer link, or by an external vhost-user-net socket")
+    p.add_argument("--restart", default="on-failure", type=_policy,
+                   metavar="always|on-failure|never",
+                   help="restart policy of the backends dvmm starts (default on-failure: "
+                        "restarted unless they exit with status 0)")
+    p.add_argument("--restart-limit", default="10/60", type=_limit, metavar="N/SECONDS",
+                   help="give a backend up after N restarts within SECONDS (default 10/60)")
     p.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none",
                    help="where COM1 goes (default stdio)")
     p.add_argument("--kvm", default="/dev/kvm", metavar="PATH",
@@ -85,17 +101,45 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+def _policy(text: str) -> RestartPolicy:
+    try:
+        return RestartPolicy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limit(text: str) -> tuple[int, float]:
+    count, sep, window = text.partition("/")
+    try:
+        if sep and int(count) >= 0 and float(window) > 0:
+            return int(count), float(window)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not N/SECONDS (e.g. 10/60)")
+
+
 def parse_disk(text: str) -> DiskSpec:
     path, _, opts = text.partition(",")
-    read_only = False
+    spec = DiskSpec()
     for opt in filter(None, opts.split(",")):
         if opt in ("read-only", "ro", "readonly=on"):
-            read_only = True
+            spec.read_only = True
+        elif opt.startswith("restart="):
+            spec.restart = _option_policy("--disk", text, opt)
         else:
-            raise UsageError(f"--disk {text}: unknown option {opt!r} (known: read-only)")
+            raise UsageError(f"--disk {text}: unknown option {opt!r} "
+                             "(known: read-only, restart=always|on-failure|never)")
     if not os.path.exists(path):
         raise UsageError(f"--disk {path}: no such file")
-    return DiskSpec(image=os.path.abspath(path), read_only=read_only)
+    spec.image = os.path.abspath(path)
+    return spec
+
+
+def _option_policy(flag: str, text: str, opt: str) -> RestartPolicy:
+    try:
+        return RestartPolicy.parse(opt.partition("=")[2])
+    except ValueError as exc:
+        raise UsageError(f"{flag} {text}: {exc}") from None
 
 
 def parse_net(text: str) -> NetSpec:
@@ -108,9 +152,11 @@ def parse_net(text: str) -> NetSpec:
             setattr(spec, key, value)
         elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
             spec.queues = int(value)
+        elif key == "restart":
+            spec.restart = _option_policy("--net", text, item)
         else:
             raise UsageError(f"--net {text}: bad option {item!r} "
-                             "(known: tap=, peer=, socket=, mac=, queues=1..16)")
+                             "(known: tap=, peer=, socket=, mac=, queues=1..16, restart=)")
     if sum(x is not None for x in (spec.tap, spec.peer, spec.socket)) != 1:
         raise UsageError(f"--net {text}: give exactly one of tap=, peer= or socket=")
     if spec.mac is not None and not MAC.fullmatch(spec.mac):
@@ -139,7 +185,9 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
     return MachineConfig(memory=args.memory << 20, cpus=args.cpus, firmware=firmware,
                          kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                          disks=disks, nets=nets, hugepages=args.hugepages,
-                         backend_args=backend_log_args(args), kvm_path=args.kvm)
+                         backend_args=backend_log_args(args), kvm_path=args.kvm,
+                         restart=RestartSpec(policy=args.restart, limit=args.restart_limit[0],
+                                             window=args.restart_limit[1]))
 
 
 def backend_log_args(args: argparse.Namespace) -> list[str]:
@@ -237,12 +285,13 @@ def run(args: argparse.Namespace) -> int:
     console = Console(machine) if args.serial == "stdio" else None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: machine.request_stop(signal.Signals(s).name))
+    why = "error"
     try:
         why = machine.run()
     finally:
         if console is not None:
             console.close()
-        machine.shutdown()
+        machine.shutdown(why)
         close_sink()
     log.info("stopped (%s)", why)
     return 0 if why in ("stop", "shutdown") else 1
@@ -258,7 +307,7 @@ def start_machine(cfg: MachineConfig, prepare: Callable[[Machine], None] | None 
         machine = Machine(cfg)
         machine.start(prepare or (prepare_linux if cfg.kernel else None))
         return machine
-    except (KvmError, MachineError, SupervisorError, LinkDown) as exc:
+    except (KvmError, MachineError, SupervisorError, LinkDown, ControlError) as exc:
         if machine is not None:
             machine.shutdown()
         raise UsageError(str(exc)) from None

@@ -1,17 +1,31 @@
-"""The backend supervisor: starts device backend processes and watches them.
+"""The backend supervisor: starts device backend processes, watches them and
+restarts them.
 
-Owns the private runtime directory (sockets live there), the child
-processes and their lifecycle (:class:`BackendState`).  A backend that dies
-is reported on the log (and to ``on_exit``) with its exit status; the core
-keeps running.  Children get ``PR_SET_PDEATHSIG`` so they never outlive the
-core, and are stopped with SIGTERM (then SIGKILL after a grace period) when
+Owns the private runtime directory (sockets and control endpoints live
+there), the child processes and their lifecycle (:class:`BackendState`), and
+the restart policy (:class:`RestartSpec`): ``always``, ``on-failure``
+(default: a clean exit status 0 is not restarted) or ``never``; exponential
+back-off between attempts for a backend that keeps dying right after start;
+and a cap on restarts per window after which the backend is *given up*: its
+device stays offline and the event stream says why.  A backend that dies
+while the supervisor is stopping is never restarted.
+
+Children get ``PR_SET_PDEATHSIG`` so they never outlive the core.  The
+signal follows the *thread* that forked, so every restart is spawned by one
+long-lived restarter thread, never by the short-lived watcher threads.
+Children are stopped with SIGTERM (then SIGKILL after a grace period) when
 the core shuts down.  psutil reports their RSS and CPU time.
+
+Every change is reported through ``on_event(event, fields)`` (the core
+publishes it on the ZeroMQ event stream): ``backend-started``,
+``backend-exited``, ``backend-restarted``, ``backend-given-up``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -19,9 +33,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import psutil
 from dvmm_shared.procs import die_with_parent
@@ -30,12 +46,55 @@ log = logging.getLogger("dvmm.supervisor")
 
 STOP_GRACE = 5.0
 
+EventSink = Callable[[str, dict[str, Any]], None]
+
 
 class BackendState(Enum):
     STARTING = "starting"
     RUNNING = "running"
-    EXITED = "exited"
-    STOPPED = "stopped"
+    RESTARTING = "restarting"  # dead, a new process is due after the back-off
+    EXITED = "exited"          # dead, and the policy does not restart it
+    GAVE_UP = "given-up"       # dead too often: the device stays offline
+    STOPPED = "stopped"        # stopped by the supervisor
+
+
+class RestartPolicy(Enum):
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+    @classmethod
+    def parse(cls, text: str) -> RestartPolicy:
+        try:
+            return cls(text)
+        except ValueError:
+            known = ", ".join(p.value for p in cls)
+            raise ValueError(f"unknown restart policy {text!r} (known: {known})") from None
+
+
+@dataclass(frozen=True)
+class RestartSpec:
+    """When and how fast a dead backend is started again."""
+
+    policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    #: At most ``limit`` restarts within ``window`` seconds, then give up.
+    limit: int = 10
+    window: float = 60.0
+    #: Back-off before restart attempt n of a backend that never became
+    #: stable: ``backoff_start * 2**(n-1)``, capped.
+    backoff_start: float = 0.010
+    backoff_cap: float = 2.0
+    #: A backend that ran this long was healthy: its next crash restarts
+    #: after ``backoff_start`` again.
+    stable_after: float = 1.0
+
+    def wants_restart(self, returncode: int) -> bool:
+        if self.policy is RestartPolicy.ALWAYS:
+            return True
+        return self.policy is RestartPolicy.ON_FAILURE and returncode != 0
+
+    def backoff(self, quick_failures: int) -> float:
+        return float(min(self.backoff_cap, self.backoff_start * 2.0 ** max(0, quick_failures - 1)))
 
 
 class SupervisorError(Exception):
@@ -47,22 +106,31 @@ class Backend:
     name: str
     argv: list[str]
     socket: str
+    restart: RestartSpec = field(default_factory=RestartSpec)
+    control: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     state: BackendState = BackendState.STARTING
     returncode: int | None = None
-    _watcher: threading.Thread | None = field(default=None, repr=False)
+    restarts: int = 0
+    started_at: float = 0.0
+    given_up_reason: str | None = None
+    last_exit: str | None = None
+    _restart_times: deque[float] = field(default_factory=deque, repr=False)
+    _quick_failures: int = field(default=0, repr=False)
+    _forced: bool = field(default=False, repr=False)
 
     @property
     def pid(self) -> int:
         return self.proc.pid if self.proc else -1
 
+    @property
+    def uptime(self) -> float:
+        if self.state is not BackendState.RUNNING:
+            return 0.0
+        return time.monotonic() - self.started_at
+
     def describe_exit(self) -> str:
-        rc = self.returncode
-        if rc is None:
-            return "still running"
-        if rc < 0:
-            return f"killed by {signal.Signals(-rc).name}"
-        return f"exited with status {rc}"
+        return describe_returncode(self.returncode)
 
     def usage(self) -> dict[str, float]:
         """RSS (bytes) and CPU seconds of the running process."""
@@ -73,43 +141,85 @@ class Backend:
         except (psutil.Error, ValueError):
             return {}
 
+    def info(self) -> dict[str, Any]:
+        """What ``dvmm status`` shows of this backend."""
+        return {"name": self.name, "pid": self.pid if self.state is BackendState.RUNNING
+                else None, "state": self.state.value, "restarts": self.restarts,
+                "uptime": round(self.uptime, 3), "policy": self.restart.policy.value,
+                "control": self.control, "external": False, "socket": self.socket,
+                "last_exit": self.last_exit, "given_up_reason": self.given_up_reason}
+
+
+def describe_returncode(rc: int | None) -> str:
+    if rc is None:
+        return "still running"
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"
+
 
 class Supervisor:
-    """Spawns backends with sockets in a private runtime directory."""
+    """Spawns backends with sockets in a private runtime directory, restarts
+    them by their policy."""
 
     def __init__(self, on_exit: Callable[[Backend], None] | None = None,
-                 runtime_dir: str | None = None) -> None:
+                 runtime_dir: str | None = None, on_event: EventSink | None = None) -> None:
         base = os.environ.get("XDG_RUNTIME_DIR") or None
-        self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix="dvmm-", dir=base)
+        # The core's pid in the name lets `dvmm status --pid N` find the VM.
+        self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix=f"dvmm-{os.getpid()}-",
+                                                           dir=base)
         os.chmod(self.runtime_dir, 0o700)
         self._own_dir = runtime_dir is None
         self.backends: list[Backend] = []
         self.on_exit = on_exit
+        self.on_event = on_event
         self._stopping = False
+        self._lock = threading.Lock()
+        self._restarts: queue.Queue[tuple[float, Backend] | None] = queue.Queue()
+        self._restarter: threading.Thread | None = None
 
     def socket_path(self, name: str) -> str:
         return os.path.join(self.runtime_dir, f"{name}.sock")
 
-    def spawn_python(self, name: str, module: str, args: Sequence[str]) -> Backend:
-        """Start ``python -m module --socket <runtime>/<name>.sock args...``."""
-        sock = self.socket_path(name)
-        argv = [sys.executable, "-m", module, "--socket", sock, *args]
-        return self.spawn(name, argv, sock)
+    def control_endpoint(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.runtime_dir, name)}.ctl"
 
-    def spawn(self, name: str, argv: list[str], socket: str) -> Backend:
-        backend = Backend(name, argv, socket)
-        try:
-            backend.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                            preexec_fn=die_with_parent(signal.SIGTERM))
-        except OSError as exc:
-            raise SupervisorError(f"cannot start backend {name}: {exc.strerror}") from None
-        backend.state = BackendState.RUNNING
-        log.info("started backend %s (pid %d)", name, backend.pid)
-        backend._watcher = threading.Thread(target=self._watch, args=(backend,),
-                                            name=f"watch-{name}", daemon=True)
-        backend._watcher.start()
+    def spawn_python(self, name: str, module: str, args: Sequence[str],
+                     restart: RestartSpec | None = None, control: bool = False) -> Backend:
+        """Start ``python -m module --socket <runtime>/<name>.sock args...``
+        (with ``--control ipc://<runtime>/<name>.ctl`` when asked)."""
+        sock = self.socket_path(name)
+        argv = [sys.executable, "-m", module, "--socket", sock]
+        endpoint = self.control_endpoint(name) if control else None
+        if endpoint is not None:
+            argv += ["--control", endpoint]
+        return self.spawn(name, [*argv, *args], sock, restart=restart, control=endpoint)
+
+    def spawn(self, name: str, argv: list[str], socket: str, *,
+              restart: RestartSpec | None = None, control: str | None = None) -> Backend:
+        backend = Backend(name, argv, socket, restart or RestartSpec(), control)
+        self._start(backend)
         self.backends.append(backend)
         return backend
+
+    def _start(self, backend: Backend) -> None:
+        try:
+            backend.proc = subprocess.Popen(backend.argv, stdin=subprocess.DEVNULL,
+                                            preexec_fn=die_with_parent(signal.SIGTERM))
+        except OSError as exc:
+            raise SupervisorError(f"cannot start backend {backend.name}: {exc.strerror}"
+                                  ) from None
+        backend.state = BackendState.RUNNING
+        backend.returncode = None
+        backend.started_at = time.monotonic()
+        log.info("started backend %s (pid %d)", backend.name, backend.pid)
+        self._emit("backend-started", name=backend.name, pid=backend.pid,
+                   restarts=backend.restarts)
+        threading.Thread(target=self._watch, args=(backend, backend.proc),
+                         name=f"watch-{backend.name}", daemon=True).start()
 
     def wait_for_socket(self, backend: Backend, timeout: float = 15.0) -> None:
         """Wait until the backend listens, or fail if it exits first."""
@@ -124,23 +234,126 @@ class Supervisor:
                                       f"{backend.socket} within {timeout:.0f} s")
             time.sleep(0.02)
 
-    def _watch(self, backend: Backend) -> None:
-        assert backend.proc is not None
-        backend.returncode = backend.proc.wait()
-        if self._stopping:
-            backend.state = BackendState.STOPPED
-            return
-        backend.state = BackendState.EXITED
-        log.error("backend %s (pid %d) %s; its device is offline, the VM keeps running",
-                  backend.name, backend.pid, backend.describe_exit())
+    # -- exits and restarts ---------------------------------------------------
+    def _watch(self, backend: Backend, proc: subprocess.Popen[bytes]) -> None:
+        rc = proc.wait()
+        with self._lock:
+            if proc is not backend.proc:
+                return
+            backend.returncode = rc
+            backend.last_exit = describe_returncode(rc)
+            if self._stopping:
+                backend.state = BackendState.STOPPED
+                return
+            ran = time.monotonic() - backend.started_at
+            delay = self._decide(backend, rc, ran)
+        self._emit("backend-exited", name=backend.name, pid=proc.pid, status=rc,
+                   how=backend.last_exit, ran_s=round(ran, 3))
         if self.on_exit is not None:
             self.on_exit(backend)
+        if delay is not None:
+            self._schedule(delay, backend)
+
+    def _decide(self, backend: Backend, rc: int, ran: float) -> float | None:
+        """After an exit: the back-off before a restart, or None (state says why)."""
+        spec, forced = backend.restart, backend._forced
+        backend._forced = False
+        if not forced and not spec.wants_restart(rc):
+            backend.state = BackendState.EXITED
+            log.error("backend %s (pid %d) %s; restart policy %s: its device stays offline",
+                      backend.name, backend.pid, backend.last_exit, spec.policy.value)
+            return None
+        now = time.monotonic()
+        times = backend._restart_times
+        while times and now - times[0] > spec.window:
+            times.popleft()
+        if not forced and len(times) >= spec.limit:
+            backend.state = BackendState.GAVE_UP
+            backend.given_up_reason = (
+                f"restarted {len(times)} times in {spec.window:.0f} s and {backend.last_exit} "
+                "again; given up, its device stays offline")
+            log.error("backend %s: %s", backend.name, backend.given_up_reason)
+            self._emit("backend-given-up", name=backend.name, reason=backend.given_up_reason)
+            return None
+        backend._quick_failures = 0 if ran >= spec.stable_after else backend._quick_failures + 1
+        delay = 0.0 if forced else spec.backoff(backend._quick_failures)
+        backend.state = BackendState.RESTARTING
+        log.warning("backend %s (pid %d) %s; restarting in %.0f ms", backend.name,
+                    backend.pid, backend.last_exit, delay * 1000)
+        return delay
+
+    def _schedule(self, delay: float, backend: Backend) -> None:
+        if self._restarter is None:
+            self._restarter = threading.Thread(target=self._restart_loop,
+                                               name="restarter", daemon=True)
+            self._restarter.start()
+        self._restarts.put((time.monotonic() + delay, backend))
+
+    def _restart_loop(self) -> None:
+        """The one thread that forks restarted backends (see the module doc)."""
+        while True:
+            item = self._restarts.get()
+            if item is None:
+                return
+            due, backend = item
+            time.sleep(max(0.0, due - time.monotonic()))
+            with self._lock:
+                if self._stopping or backend.state is not BackendState.RESTARTING:
+                    continue
+                backend.restarts += 1
+                backend._restart_times.append(time.monotonic())
+                try:
+                    self._start(backend)
+                except SupervisorError as exc:
+                    backend.state = BackendState.GAVE_UP
+                    backend.given_up_reason = str(exc)
+                    log.error("%s", exc)
+                    self._emit("backend-given-up", name=backend.name, reason=str(exc))
+                    continue
+            self._emit("backend-restarted", name=backend.name, pid=backend.pid,
+                       restarts=backend.restarts)
+
+    # -- fault injection and management -----------------------------------------
+    def find(self, name: str) -> Backend:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        known = ", ".join(b.name for b in self.backends) or "none"
+        raise SupervisorError(f"no backend named {name!r} (backends: {known})")
+
+    def signal_backend(self, name: str, action: str) -> Backend:
+        """``kill`` (SIGKILL), ``stop`` (SIGSTOP: a hang), ``cont`` (SIGCONT) or
+        ``restart`` (SIGTERM, then started again whatever the policy)."""
+        sigs = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT,
+                "restart": signal.SIGTERM}
+        if action not in sigs:
+            raise SupervisorError(f"unknown action {action!r} (known: {', '.join(sigs)})")
+        backend = self.find(name)
+        with self._lock:
+            if backend.state is not BackendState.RUNNING or backend.proc is None:
+                raise SupervisorError(f"backend {name} is {backend.state.value}, not running")
+            if action == "restart":
+                backend._forced = True
+            backend.proc.send_signal(sigs[action])
+        log.warning("fault: sent %s to backend %s (pid %d)", sigs[action].name, name,
+                    backend.pid)
+        return backend
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, fields)
+            except Exception:  # an event sink must never break supervision
+                log.exception("event sink failed for %s", event)
 
     def stop_all(self) -> None:
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
+        self._restarts.put(None)
         live = [b for b in self.backends if b.proc and b.proc.poll() is None]
         for b in live:
             assert b.proc is not None
+            b.proc.send_signal(signal.SIGCONT)  # a stopped (hung) child cannot die
             b.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         for b in live:

@@ -1,28 +1,49 @@
-"""The core's vhost-user link to one device backend.
+"""The core's vhost-user link to one device backend, and its recovery.
 
-Owns the connection to a backend process and the order in which a device
-is brought up and down over it:
+Owns the connection to a backend process, the order in which a device is
+brought up and down over it, and bringing it back after the backend dies:
 
 * connect: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER,
-  GET_QUEUE_NUM, SET_MEM_TABLE (the guest RAM memfd, once);
-* start (the guest set DRIVER_OK): SET_FEATURES, then for every enabled
-  queue, in the fixed order, num, addr, base, call, kick, enable;
+  GET_QUEUE_NUM, SET_MEM_TABLE (the guest RAM memfd);
+* start (the guest set DRIVER_OK): SET_FEATURES, the in-flight region
+  (GET_INFLIGHT_FD once, then SET_INFLIGHT_FD on every start), then for
+  every enabled queue, in the fixed order, num, addr, base, call, kick,
+  enable;
 * stop (the guest reset the device): disable and GET_VRING_BASE per ring.
+
+Recovery (:class:`LinkState`): the link remembers what the guest asked for
+(driver features, started queues) and the device config it last read.  A
+monitor thread notices the backend hanging up (POLLRDHUP on the socket); a
+request that fails the same way has the same effect.  The device is then
+*lost*: nothing guest-visible happens -- doorbells keep landing on the same
+KVM ioeventfds (kicks accumulate in the eventfd counters), config reads are
+answered from the cache, DRIVER_OK and resets only change what is
+remembered.  The monitor reconnects (10 ms back-off doubling to 2 s, for as
+long as the VM runs or until the supervisor gives the backend up) and
+replays everything: negotiation, memory table, features, the *same*
+in-flight region (so the backend resubmits what it had in flight) and every
+ring at the used index the guest sees (virtio 1.2 2.7.8; the backend moves
+past its in-flight requests itself, as the vhost-user spec's in-flight
+tracking says).  Only a backend that *refuses* a request raises
+:class:`LinkDown` (the transport then sets NEEDS_RESET).
 
 Ring addresses travel as the core's own userspace addresses (the protocol
 says so), translated from the guest-physical addresses the driver wrote.
-A backend that goes away makes every call raise :class:`LinkDown`; the core
-keeps running and logs it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
+from dvmm_shared.memory import GuestMemory, GuestMemoryError
 from dvmm_shared.vhost_user.connection import Connection, ConnectionClosed
 from dvmm_shared.vhost_user.frontend import Frontend, FrontendError, RingSetup
 from dvmm_shared.vhost_user.message import (
@@ -32,17 +53,35 @@ from dvmm_shared.vhost_user.message import (
     ProtocolFeature,
 )
 
+from .inflight_region import InflightRegion
+
 log = logging.getLogger("dvmm.vhost_user_frontend")
 
 WANTED_PROTOCOL = (1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK
-                   | 1 << ProtocolFeature.CONFIG)
-
+                   | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.INFLIGHT_SHMFD)
 
 REPLY_TIMEOUT = 10.0
+RECONNECT_START = 0.010
+RECONNECT_CAP = 2.0
+#: How often the monitor looks at a connected socket (it is woken at once
+#: by a hang-up; this only bounds how long close() waits for it).
+MONITOR_TICK = 5.0
+
+EventSink = Callable[[str, dict[str, Any]], None]
+#: The errors that mean "the backend is gone" (as opposed to "it refused").
+_GONE = (ConnectionClosed, MessageError, OSError)
 
 
 class LinkDown(Exception):
-    """The backend is unreachable or broke the protocol."""
+    """The backend refused a request or is unreachable at start-up."""
+
+
+class LinkState(Enum):
+    DISCONNECTED = "disconnected"  # not connected yet
+    CONNECTED = "connected"
+    LOST = "lost"                  # the backend went away; reconnecting
+    GIVEN_UP = "given-up"          # the supervisor gave the backend up
+    CLOSED = "closed"
 
 
 @dataclass(frozen=True)
@@ -71,88 +110,305 @@ class VhostUserLink:
     """One backend connection, as used by a virtio-pci device of the core."""
 
     def __init__(self, name: str, socket_path: str, ram: Sequence[RamRegion],
-                 config_size: int = 0) -> None:
+                 config_size: int = 0, *, mem: GuestMemory | None = None,
+                 on_event: EventSink | None = None) -> None:
         self.name = name
         self.config_size = config_size
         self.path = socket_path
         self.ram = list(ram)
+        self.mem = mem
+        self.on_event = on_event
         self.fe: Frontend | None = None
+        self.state = LinkState.DISCONNECTED
         self.features = 0
         self.protocol = 0
         self.num_queues = 1
-        self._started: list[int] = []
+        self.restores = 0
+        # What the guest asked for, replayed after a reconnect.
+        self._driver_features: int | None = None
+        self._queues: list[QueueStart] = []
+        self._config: bytes | None = None
+        self.inflight: InflightRegion | None = None
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        # Wakes the monitor out of poll() at close (closing the polled socket would not).
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lost_at = 0.0
+        self._lost_reason = ""
+        self._monitor: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
         """Connect (waiting up to ``timeout`` for the socket) and negotiate."""
         conn = _connect_retry(self.path, timeout)
-        # A backend that hangs (rather than dies) must not block a vCPU forever
-        # on a config read: every reply has a deadline, and missing it is LinkDown.
-        conn.sock.settimeout(REPLY_TIMEOUT)
-        self.fe = Frontend(conn)
-        with self._guard("connect"):
-            fe = self.fe
-            self.features = fe.get_features()
-            if self.features & 1 << VHOST_USER_F_PROTOCOL_FEATURES:
-                self.protocol = fe.get_protocol_features() & WANTED_PROTOCOL
-                fe.set_protocol_features(self.protocol)
-            fe.set_owner()
-            if self.protocol & 1 << ProtocolFeature.MQ:
-                self.num_queues = fe.get_queue_num()
-            fe.set_mem_table([MemRegion(r.guest_addr, r.size, r.host_addr, r.fd_offset)
-                              for r in self.ram], [r.fd for r in self.ram])
+        with self._lock:
+            try:
+                self._negotiate(conn, first=True)
+            except _GONE as exc:
+                conn.close()
+                raise LinkDown(f"{self.name}: connect failed: {exc}") from exc
+            except FrontendError as exc:
+                conn.close()
+                raise LinkDown(f"{self.name}: connect failed: {exc}") from exc
+            self.state = LinkState.CONNECTED
         log.info("%s: connected to %s (features %#x, %d queues)", self.name, self.path,
                  self.features, self.num_queues)
+        self._monitor = threading.Thread(target=self._monitor_loop, name=f"link-{self.name}",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _negotiate(self, conn: Connection, *, first: bool) -> None:
+        # A backend that hangs (rather than dies) must not block a vCPU forever
+        # on a config read: every reply has a deadline, and missing it is "gone".
+        conn.sock.settimeout(REPLY_TIMEOUT)
+        fe = Frontend(conn)
+        features = fe.get_features()
+        if not first and self._driver_features is not None and (
+                self._driver_features & ~features):
+            raise FrontendError(f"the new backend lacks features "
+                                f"{self._driver_features & ~features:#x} the driver uses")
+        protocol = 0
+        if features & 1 << VHOST_USER_F_PROTOCOL_FEATURES:
+            protocol = fe.get_protocol_features() & WANTED_PROTOCOL
+            fe.set_protocol_features(protocol)
+        fe.set_owner()
+        num_queues = fe.get_queue_num() if protocol & 1 << ProtocolFeature.MQ else 1
+        if not first and num_queues < max((q.index + 1 for q in self._queues), default=0):
+            raise FrontendError(f"the new backend has only {num_queues} queue(s)")
+        fe.set_mem_table([MemRegion(r.guest_addr, r.size, r.host_addr, r.fd_offset)
+                          for r in self.ram], [r.fd for r in self.ram])
+        self.fe, self.features, self.protocol = fe, features, protocol
+        if first:
+            self.num_queues = num_queues
 
     @property
     def device_features(self) -> int:
         """Virtio features the backend offers to the guest."""
         return self.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
 
+    @property
+    def connected(self) -> bool:
+        return self.state is LinkState.CONNECTED
+
     def get_config(self, offset: int, size: int) -> bytes:
         """Bytes of the device config space.  The whole structure is fetched
         from offset 0, as QEMU does: some backends (libvhost-user's blk in
-        qemu-storage-daemon) ignore the offset of GET_CONFIG."""
+        qemu-storage-daemon) ignore the offset of GET_CONFIG.  While the
+        backend is away the last config read answers."""
         if not self.protocol & 1 << ProtocolFeature.CONFIG or offset + size > self.config_size:
             return bytes(size)
-        with self._guard("GET_CONFIG"):
-            return self._fe().get_config(0, self.config_size)[offset:offset + size]
+        with self._lock:
+            if self.state is LinkState.CONNECTED:
+                try:
+                    self._config = self._fe().get_config(0, self.config_size)
+                except _GONE as exc:
+                    self._mark_lost(f"GET_CONFIG failed: {exc}")
+                except FrontendError as exc:
+                    raise LinkDown(f"{self.name}: GET_CONFIG failed: {exc}") from exc
+            if self._config is None:
+                raise LinkDown(f"{self.name}: backend {self.state.value}, no config known")
+            return self._config[offset:offset + size]
 
     def set_config(self, offset: int, data: bytes) -> None:
-        if self.protocol & 1 << ProtocolFeature.CONFIG:
-            with self._guard("SET_CONFIG"):
+        if not self.protocol & 1 << ProtocolFeature.CONFIG:
+            return
+        with self._lock:
+            if self.state is not LinkState.CONNECTED:
+                log.warning("%s: config write dropped: backend %s", self.name,
+                            self.state.value)
+                return
+            try:
                 self._fe().set_config(offset, data)
+            except _GONE as exc:
+                self._mark_lost(f"SET_CONFIG failed: {exc}")
+            except FrontendError as exc:
+                raise LinkDown(f"{self.name}: SET_CONFIG failed: {exc}") from exc
 
     def start(self, driver_features: int, queues: Sequence[QueueStart]) -> None:
-        """DRIVER_OK: give the backend the features and bring each ring up."""
-        fe = self._fe()
-        with self._guard("start"):
-            features = driver_features | (self.features & 1 << VHOST_USER_F_PROTOCOL_FEATURES)
-            fe.set_features(features)
-            for q in queues:
-                fe.start_ring(RingSetup(
-                    q.index, q.size, self._host(q.desc), self._host(q.driver),
-                    self._host(q.device), q.kick_fd, q.call_fd))
-                self._started.append(q.index)
+        """DRIVER_OK: give the backend the features and bring each ring up.
+        Remembered first, so a backend that is away gets it on reconnect."""
+        for q in queues:
+            self._host(q.desc), self._host(q.driver), self._host(q.device)
+        with self._lock:
+            if self.state in (LinkState.DISCONNECTED, LinkState.CLOSED):
+                raise LinkDown(f"{self.name}: not connected")
+            self._driver_features, self._queues = driver_features, list(queues)
+            if self.state is not LinkState.CONNECTED:
+                log.info("%s: driver ready while the backend is %s; starts on reconnect",
+                         self.name, self.state.value)
+                return
+            try:
+                self._start_rings(fresh=True)
+            except _GONE as exc:
+                self._mark_lost(f"start failed: {exc}")
+                return
+            except FrontendError as exc:
+                raise LinkDown(f"{self.name}: start failed: {exc}") from exc
         log.info("%s: started %d queue(s), features %#x", self.name, len(queues),
                  driver_features)
 
+    def _start_rings(self, *, fresh: bool) -> int:
+        """SET_FEATURES, the in-flight region, every ring; returns how many
+        requests the backend was in the middle of (it replays them)."""
+        fe = self._fe()
+        assert self._driver_features is not None
+        fe.set_features(self._driver_features
+                        | (self.features & 1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        replayed = 0
+        if self.protocol & 1 << ProtocolFeature.INFLIGHT_SHMFD and self._queues:
+            if self.inflight is None:
+                size = max(q.size for q in self._queues)
+                fd, info = fe.get_inflight_fd(self.num_queues, size)
+                self.inflight = InflightRegion(fd, info)
+            elif fresh:
+                self.inflight.clear()  # a new driver session: nothing is in flight
+            replayed = self.inflight.in_flight()
+            fe.set_inflight_fd(self.inflight.fd, self.inflight.info)
+        for q in self._queues:
+            base = 0 if fresh else self._used_index(q)
+            fe.start_ring(RingSetup(q.index, q.size, self._host(q.desc), self._host(q.driver),
+                                    self._host(q.device), q.kick_fd, q.call_fd, base=base))
+        return replayed
+
     def stop(self) -> None:
         """Device reset: stop every started ring (GET_VRING_BASE)."""
-        started, self._started = self._started, []
-        if not started or self.fe is None:
-            return
-        with self._guard("stop"):
-            for index in started:
-                if self.features & 1 << VHOST_USER_F_PROTOCOL_FEATURES:
-                    self.fe.set_vring_enable(index, False)
-                base = self.fe.get_vring_base(index)
-                log.debug("%s: ring %d stopped at %d", self.name, index, base)
+        with self._lock:
+            started, self._queues = self._queues, []
+            self._driver_features = None
+            if not started or self.state is not LinkState.CONNECTED:
+                return
+            fe = self._fe()
+            try:
+                for q in started:
+                    if self.features & 1 << VHOST_USER_F_PROTOCOL_FEATURES:
+                        fe.set_vring_enable(q.index, False)
+                    base = fe.get_vring_base(q.index)
+                    log.debug("%s: ring %d stopped at %d", self.name, q.index, base)
+            except _GONE as exc:
+                self._mark_lost(f"stop failed: {exc}")
+            except FrontendError as exc:
+                raise LinkDown(f"{self.name}: stop failed: {exc}") from exc
+
+    def give_up(self, reason: str) -> None:
+        """The backend will not come back (the supervisor gave it up)."""
+        with self._lock:
+            if self.state is LinkState.CLOSED:
+                return
+            self._drop()
+            self.state = LinkState.GIVEN_UP
+        log.error("%s: device offline: %s", self.name, reason)
+        self._emit("device-offline", reason=reason)
+        self._wake.set()
 
     def close(self) -> None:
+        with self._lock:
+            self._drop()
+            self.state = LinkState.CLOSED
+            if self.inflight is not None:
+                self.inflight.close()
+                self.inflight = None
+        self._wake.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=5)
+        if self._wake_r >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    # -- recovery -----------------------------------------------------------
+    def _mark_lost(self, reason: str) -> None:
+        """(lock held) The backend went away: forget the connection, keep the rest."""
+        if self.state is not LinkState.CONNECTED:
+            return
+        self._drop()
+        self.state = LinkState.LOST
+        self._lost_at = time.monotonic()
+        self._lost_reason = reason
+        log.warning("%s: backend lost (%s); reconnecting to %s", self.name, reason, self.path)
+        self._emit("device-lost", reason=reason)
+        self._wake.set()
+
+    def _drop(self) -> None:
         if self.fe is not None:
             self.fe.close()
             self.fe = None
+
+    def _monitor_loop(self) -> None:
+        delay = RECONNECT_START
+        attempts = 0
+        while True:
+            state = self.state
+            if state is LinkState.CLOSED:
+                return
+            if state is LinkState.CONNECTED:
+                self._watch_connection()
+                delay, attempts = RECONNECT_START, 0
+            elif state is LinkState.LOST:
+                attempts += 1
+                if self._try_reconnect(attempts):
+                    continue
+                self._wake.wait(delay)
+                self._wake.clear()
+                delay = min(RECONNECT_CAP, delay * 2)
+            else:
+                self._wake.wait()
+                self._wake.clear()
+
+    def _watch_connection(self) -> None:
+        """Block until the backend hangs up (or a tick passes)."""
+        fe = self.fe
+        if fe is None:
+            return
+        poller = select.poll()
+        try:
+            fd = fe.conn.fileno()
+            poller.register(fd, select.POLLRDHUP)
+            poller.register(self._wake_r, select.POLLIN)
+        except (ValueError, OSError):
+            return
+        for ready, mask in poller.poll(MONITOR_TICK * 1000):
+            if ready == fd and mask & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                with self._lock:
+                    if self.fe is fe:
+                        self._mark_lost("the backend hung up")
+
+    def _try_reconnect(self, attempts: int) -> bool:
+        try:
+            conn = Connection.connect(self.path, timeout=1.0)
+        except OSError:
+            return False
+        with self._lock:
+            if self.state is not LinkState.LOST:
+                conn.close()
+                return True
+            try:
+                self._negotiate(conn, first=False)
+                replayed = self._start_rings(fresh=False) if self._queues else 0
+            except (*_GONE, FrontendError, GuestMemoryError) as exc:
+                self._drop()
+                conn.close()
+                log.warning("%s: reconnect attempt %d failed: %s", self.name, attempts, exc)
+                return False
+            self.state = LinkState.CONNECTED
+            self.restores += 1
+            outage = (time.monotonic() - self._lost_at) * 1000
+        log.warning("%s: backend restored after %.0f ms (%d request(s) replayed)", self.name,
+                    outage, replayed)
+        self._emit("device-restored", outage_ms=round(outage, 1), replayed=replayed,
+                   attempts=attempts)
+        return True
+
+    def _used_index(self, q: QueueStart) -> int:
+        """The used index the guest sees (virtio 1.2 2.7.8: ``used->idx`` at +2):
+        the frontend's ring base after a backend vanished without GET_VRING_BASE."""
+        if self.mem is None:
+            return 0
+        return int.from_bytes(self.mem.read(q.device + 2, 2), "little")
 
     # -- helpers --------------------------------------------------------------
     def _fe(self) -> Frontend:
@@ -166,25 +422,16 @@ class VhostUserLink:
                 return r.host_addr + gpa - r.guest_addr
         raise LinkDown(f"{self.name}: ring address {gpa:#x} is not in guest RAM")
 
-    def _guard(self, what: str) -> _Guard:
-        return _Guard(self, what)
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, {"name": self.name, **fields})
+            except Exception:  # an event sink must never break recovery
+                log.exception("event sink failed for %s", event)
 
-
-class _Guard:
-    """Turns every way a backend can fail us into LinkDown."""
-
-    def __init__(self, link: VhostUserLink, what: str) -> None:
-        self.link, self.what = link, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        if exc is None:
-            return
-        if isinstance(exc, ConnectionClosed | FrontendError | MessageError | OSError):
-            raise LinkDown(f"{self.link.name}: {self.what} failed: {exc}") from exc
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "link": self.state.value, "socket": self.path,
+                "restores": self.restores}
 
 
 def _connect_retry(path: str, timeout: float) -> Connection:
@@ -199,3 +446,4 @@ def _connect_retry(path: str, timeout: float) -> Connection:
             time.sleep(0.05)
         except (TimeoutError, OSError) as exc:
             raise LinkDown(f"cannot connect to {path}: {os.strerror(exc.errno or 0)}") from None
+

@@ -9,7 +9,10 @@ Owns putting the parts together and the machine's lifecycle:
   start and created again on every guest reset, while RAM, device models and
   backend processes live on;
 * events from vCPUs (reset, shutdown, crash) and from the supervisor
-  (backend exited) arrive on one queue that :meth:`Machine.run` serves.
+  (backend exited) arrive on one queue that :meth:`Machine.run` serves;
+* backends are restarted by the supervisor (their restart policy) and their
+  links reconnect on their own; what happens is published on the control
+  plane (:class:`CoreControl`), which also answers ``dvmm status|fault``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import mmap
 import os
 import queue
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from dvmm_shared.memory import GuestMemory, Region, RegionSpec, buffer_address
 from dvmm_shared.virtio import VirtioDeviceId
 
+from ..core_control import CoreControl
 from ..kvm import Kvm, Vcpu, VcpuRunner, Vm
-from ..supervisor import Backend, Supervisor
+from ..supervisor import Backend, RestartPolicy, RestartSpec, Supervisor
 from ..vhost_user_frontend import RamRegion, VhostUserLink
 from ..virtio_pci.device import VirtioPciDevice
 from ..virtio_pci.transport import VirtioTransport
@@ -62,6 +67,7 @@ class DiskSpec:
     image: str | None = None
     socket: str | None = None
     read_only: bool = False
+    restart: RestartPolicy | None = None  # None: the machine's policy
 
 
 @dataclass
@@ -74,6 +80,7 @@ class NetSpec:
     socket: str | None = None
     mac: str | None = None
     queues: int = 1
+    restart: RestartPolicy | None = None
 
 
 def default_mac(index: int) -> str:
@@ -96,6 +103,7 @@ class MachineConfig:
     hugepages: bool = False
     backend_args: list[str] = field(default_factory=list)
     kvm_path: str = "/dev/kvm"
+    restart: RestartSpec = field(default_factory=RestartSpec)
 
 
 class GuestRam:
@@ -164,13 +172,17 @@ class Machine:
         self.layout = RamLayout(cfg.memory)
         self.ram = GuestRam(self.layout, cfg.hugepages)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.bios = self._load_firmware(cfg.firmware) if cfg.firmware else None
         self.router = IrqRouter(None)
         self.pump = IntxPump()
-        self.supervisor = Supervisor(on_exit=self._backend_exited)
+        self.supervisor = Supervisor(on_exit=self._backend_exited, on_event=self._on_event)
+        self.links: dict[str, VhostUserLink] = {}
+        self.state = "starting"
+        self.control = CoreControl(self.supervisor, lambda: list(self.links.values()),
+                                   lambda: self.state)
         self.vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.runners: list[VcpuRunner] = []
-        self.bios = self._load_firmware(cfg.firmware) if cfg.firmware else None
         self.pci = PciBus()
         self.virtio: list[VirtioPciDevice] = []
         self._roms: set[str] = set()
@@ -216,7 +228,7 @@ class Machine:
         if disk.read_only:
             args.append("--read-only")
         self._add_vhost_device(f"blk{index}", VirtioDeviceId.BLOCK, "dvmm_blk", args,
-                               disk.socket, BLK_CONFIG_SIZE)
+                               disk.socket, BLK_CONFIG_SIZE, disk.restart)
 
     def add_net(self, net: NetSpec, index: int) -> None:
         args = ["--mac", net.mac or default_mac(index)]
@@ -227,22 +239,29 @@ class Machine:
         if net.queues > 1:
             args += ["--queues", str(net.queues)]
         self._add_vhost_device(f"net{index}", VirtioDeviceId.NET, "dvmm_net",
-                               args if net.socket is None else [], net.socket, NET_CONFIG_SIZE)
+                               args if net.socket is None else [], net.socket, NET_CONFIG_SIZE,
+                               net.restart)
         self._add_pxe_rom()
 
     def _add_vhost_device(self, name: str, device_type: int, module: str, args: list[str],
-                          socket: str | None, config_size: int) -> None:
+                          socket: str | None, config_size: int,
+                          policy: RestartPolicy | None) -> None:
         """Spawn (or reach) the backend, connect, and plug a virtio-pci function."""
         if socket is None:
+            restart = self.cfg.restart if policy is None else replace(self.cfg.restart,
+                                                                       policy=policy)
             backend = self.supervisor.spawn_python(name, module,
-                                                   [*args, *self.cfg.backend_args])
+                                                   [*args, *self.cfg.backend_args],
+                                                   restart=restart, control=True)
             self.supervisor.wait_for_socket(backend)
             socket = backend.socket
             wait = 10.0  # a backend we started may still be creating its socket
         else:
             wait = 0.0   # an external one listens already, or it is a config error
-        link = VhostUserLink(name, socket, self.ram.ram_regions(), config_size=config_size)
+        link = VhostUserLink(name, socket, self.ram.ram_regions(), config_size=config_size,
+                             mem=self.ram.mem, on_event=self._on_event)
         link.connect(timeout=wait)
+        self.links[name] = link
         transport = VirtioTransport(name, link, self.router, self, self.pump)
         device = VirtioPciDevice(device_type, transport, self.mmio)
         self.pci.add(FIRST_PCI_SLOT + len(self.virtio), device)
@@ -345,6 +364,7 @@ class Machine:
             prepare_boot(self)
         for runner in self.runners:
             runner.start()
+        self.state = "running"
         log.info("machine started: %d MiB, %d vCPU(s), %d disk(s), %d NIC(s)",
                  self.cfg.memory >> 20, self.cfg.cpus, len(self.cfg.disks),
                  len(self.cfg.nets))
@@ -370,6 +390,7 @@ class Machine:
     def reset(self, why: str) -> None:
         log.info("resetting the machine (%s)", why)
         self.resets += 1
+        self._on_event("guest-reset", {"reason": why, "resets": self.resets})
         for runner in self.runners:
             runner.stop()
         # Devices first, while the old VM still exists to undo their ioeventfds.
@@ -396,12 +417,24 @@ class Machine:
     def _backend_exited(self, backend: Backend) -> None:
         self.events.put(("backend-exit", f"{backend.name} {backend.describe_exit()}"))
 
-    def shutdown(self) -> None:
+    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
+        """Every supervisor and link event: published; a backend given up
+        takes its device offline for good."""
+        self.control.emit(event, fields)
+        if event == "backend-given-up":
+            link = self.links.get(fields.get("name", ""))
+            if link is not None:
+                link.give_up(str(fields.get("reason", "given up")))
+
+    def shutdown(self, why: str = "shutdown") -> None:
+        self.state = "stopping"
         self._destroy_instance()
         for device in self.virtio:
             device.transport.link.close()
             device.transport.close()
         self.supervisor.stop_all()
+        self._on_event("vm-stopped", {"reason": why})
+        self.control.close()
         self.pump.close()
         self.kvm.close()
         os.close(self.ram.fd)
