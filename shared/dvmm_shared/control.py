@@ -22,6 +22,9 @@ and just after it connects.  A client that must not miss one (``dvmm events
 --history``) subscribes first, then asks the publisher's owner for its
 history over a command (the core answers ``events`` with ``{"events":
 [...]}``) and drops live events whose ``seq`` it has already printed.
+:meth:`EventSubscriber.wait_connected` narrows the window (it waits for the
+handshake before the history is fetched); :meth:`EventPublisher.wait_subscribed`
+closes it from the publisher's side (XPUB sees each subscription arrive).
 
 fds never travel here (they go over vhost-user sockets); every received map
 is hostile input: a malformed request gets an error reply and the server keeps
@@ -86,10 +89,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "error"
 
 
-def _bind(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.Socket[bytes]:
+def _bind(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str,
+          options: dict[int, int] | None = None) -> zmq.Socket[bytes]:
     sock: zmq.Socket[bytes] = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -115,16 +121,22 @@ def _close_bound(ctx: zmq.Context[zmq.Socket[bytes]], socks: list[zmq.Socket[byt
 
 
 class EventPublisher:
-    """The PUB side of an event stream; thread-safe (one lock around the socket)."""
+    """The PUB side of an event stream; thread-safe (one lock around the socket).
+
+    An XPUB socket (verbose), so the publisher sees each subscription arrive:
+    :meth:`wait_subscribed` lets a caller (a test, a core that must not lose
+    its first events) wait for a subscriber instead of guessing."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_LEN)
+        self.subscriptions = 0  # subscribe requests seen so far (never decreases)
         self._lock = threading.Lock()
         self._seq = 0
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
         try:
-            self._sock: zmq.Socket[bytes] | None = _bind(self._ctx, zmq.PUB, endpoint)
+            self._sock: zmq.Socket[bytes] | None = _bind(self._ctx, zmq.XPUB, endpoint,
+                                                         {zmq.XPUB_VERBOSE: 1})
         except ControlError:
             self._ctx.term()
             raise
@@ -137,10 +149,35 @@ class EventPublisher:
             data = pack(msg)
             self.history.append(msg)
             if self._sock is not None:
+                self._drain(self._sock, 0)
                 # PUB never blocks: past the high-water mark a slow subscriber loses events
                 with contextlib.suppress(zmq.Again):
                     self._sock.send(data, zmq.NOBLOCK)
             return msg
+
+    def wait_subscribed(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Whether ``count`` subscriptions have reached the publisher within ``timeout``.
+
+        Once a subscription is seen here, every later event reaches that subscriber."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._sock is None:
+                    return False
+                self._drain(self._sock, 0)
+                if self.subscriptions >= count:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._drain(self._sock, min(50, int(left * 1000) + 1))
+
+    def _drain(self, sock: zmq.Socket[bytes], wait_ms: int) -> None:
+        """Count subscribe messages (first byte 1), waiting up to ``wait_ms`` for one."""
+        while sock.poll(wait_ms):
+            if sock.recv()[:1] == b"\x01":
+                self.subscriptions += 1
+            wait_ms = 0
 
     def close(self) -> None:
         with self._lock:
@@ -159,7 +196,26 @@ class EventSubscriber:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._monitor: zmq.Socket[bytes] | None = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock.connect(endpoint)
+
+    def wait_connected(self, timeout: float = 2.0) -> bool:
+        """Whether the connection to the publisher is up (handshake done) within
+        ``timeout``.  The subscription is sent right after the handshake, so
+        from shortly after this returns True, events reach this subscriber."""
+        if self._monitor is None:
+            return True
+        if not self._monitor.poll(int(timeout * 1000)):
+            return False
+        self._stop_monitor()
+        return True
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def recv(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next event map, or None after ``timeout`` seconds (None: wait forever).
@@ -179,6 +235,7 @@ class EventSubscriber:
                 return msg
 
     def close(self) -> None:
+        self._stop_monitor()
         self._sock.close(linger=0)
 
 

@@ -175,15 +175,9 @@ def test_subscriber_receives_events_in_order(tmp_path: Path) -> None:
     pub = EventPublisher(events_endpoint(str(tmp_path)))
     sub = EventSubscriber(pub.endpoint)
     try:
-        # Slow joiner: probe until the subscription has reached the publisher.
-        for _ in range(200):
-            pub.publish("probe")
-            if sub.recv(timeout=0.05) is not None:
-                break
-        else:
-            pytest.fail("subscriber never connected")
-        while sub.recv(timeout=0.05) is not None:  # drain the probes
-            pass
+        assert sub.wait_connected(5)
+        assert pub.wait_subscribed(1, timeout=5)  # no slow joiner from here on
+        assert pub.subscriptions == 1
         sent = [pub.publish("device-lost", name="blk0", n=i) for i in range(20)]
         got = [sub.recv(timeout=5) for _ in sent]
         assert got == sent
@@ -191,6 +185,22 @@ def test_subscriber_receives_events_in_order(tmp_path: Path) -> None:
     finally:
         sub.close()
         pub.close()
+
+
+def test_wait_subscribed_times_out_without_subscribers(tmp_path: Path) -> None:
+    lonely = EventSubscriber(events_endpoint(str(tmp_path)))
+    assert lonely.wait_connected(0.1) is False  # nobody publishes yet
+    lonely.close()
+    pub = EventPublisher(events_endpoint(str(tmp_path)))
+    try:
+        assert pub.wait_subscribed(1, timeout=0.1) is False
+        subs = [EventSubscriber(pub.endpoint) for _ in range(2)]
+        assert pub.wait_subscribed(2, timeout=5)  # verbose: the same filter counts twice
+        for sub in subs:
+            sub.close()
+    finally:
+        pub.close()
+    assert pub.wait_subscribed(1, timeout=0.1) is False
 
 
 def test_subscriber_skips_garbage(tmp_path: Path) -> None:
