@@ -13,9 +13,11 @@ raises a :class:`ChainError` carrying its head so the device can return it
 and keep serving; a bad available index raises :class:`RingError` and the
 queue should be treated as broken (NEEDS_RESET).
 
-The ring position (``last_avail_idx``, ``used_idx``) is plain state here so
-that a crash-recovery mechanism (vhost-user INFLIGHT_SHMFD) can later record
-and restore it.
+The ring position (``last_avail_idx``, ``used_idx``) is plain state here.
+With an :class:`~dvmm_shared.inflight.InflightQueue` attached (vhost-user
+INFLIGHT_SHMFD) every chain taken is marked in flight and every used element
+retired in the shared region, and chains left in flight by a previous
+process are handed out again first, in their original order.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .memory import GuestMemory, GuestMemoryError
 from .virtio import (
@@ -35,6 +38,9 @@ from .virtio import (
     VIRTQ_USED_ELEM_SIZE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
+
+if TYPE_CHECKING:
+    from .inflight import InflightQueue
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
@@ -145,7 +151,7 @@ class SplitQueue:
 
     def __init__(self, mem: GuestMemory, layout: RingLayout, *, event_idx: bool = False,
                  indirect: bool = True, last_avail_idx: int = 0,
-                 used_idx: int | None = None) -> None:
+                 used_idx: int | None = None, inflight: InflightQueue | None = None) -> None:
         layout.check()
         self.mem = mem
         self.size = layout.size
@@ -173,6 +179,23 @@ class SplitQueue:
         self._signalled_valid = False
         # The available index as last read: what avail_event re-arms at.
         self._avail_seen = self.last_avail_idx
+        #: In-flight tracking (None: untracked); see :meth:`recover_inflight`.
+        self.inflight = inflight
+
+    def recover_inflight(self, tracker: InflightQueue) -> int:
+        """Track this ring in ``tracker``'s region, resolving what a previous
+        process left there against the used index in guest memory: the ring
+        then resumes after the chains in flight, which :meth:`pop` hands out
+        again first.  Returns how many are resubmitted."""
+        ring_used = int(self._used_h[1])
+        resume = tracker.recover(ring_used, self.size)
+        self.inflight = tracker
+        if resume is None:
+            return 0
+        self.last_avail_idx = self._avail_seen = resume
+        self.used_idx = self._signalled_used = ring_used
+        self._signalled_valid = False
+        return len(tracker.resubmit)
 
     # -- available ring -------------------------------------------------
     def avail_idx(self) -> int:
@@ -196,12 +219,20 @@ class SplitQueue:
         return n
 
     def pop(self) -> DescriptorChain | None:
-        """The next available chain, or None.  Raises ChainError / RingError."""
+        """The next available chain, or None.  Raises ChainError / RingError.
+
+        Tracked: a chain left in flight by a previous process comes first;
+        a new one is marked in flight before it is returned."""
+        tracker = self.inflight
+        if tracker is not None and tracker.resubmit:
+            return self._walk(tracker.take_resubmit())
         if not self.pending():
             return None
         slot = self.last_avail_idx % self.size
         head = int(self._avail_h[2 + slot])
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if tracker is not None:
+            tracker.mark(head)
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -260,18 +291,52 @@ class SplitQueue:
         kind = "indirect table" if nested else "queue"
         raise ChainLoopError(head, f"chain longer than the {kind} ({count} descriptors)")
 
-    def undo_pop(self) -> None:
-        """Give back the last popped chain (device ran out of resources)."""
+    def undo_pop(self, head: int | None = None) -> None:
+        """Give back the last popped chain (device ran out of resources).
+
+        Chains go back in the reverse order they were popped; with in-flight
+        tracking ``head`` says which (a resubmitted chain stays in flight)."""
+        tracker = self.inflight
+        if tracker is not None:
+            if head is None:
+                head = int(self._avail_h[2 + (self.last_avail_idx - 1) % self.size])
+            if tracker.undo(head):
+                return
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
 
     # -- used ring --------------------------------------------------------
     def push(self, head: int, written: int) -> None:
-        """Put ``(head, written)`` in the used ring and publish the new index."""
+        """Put ``(head, written)`` in the used ring and publish the new index.
+
+        Tracked, the steps of "Inflight I/O tracking": ``last_batch_head``,
+        used element, used index, then the entry retired (see
+        :meth:`write_used`, :meth:`publish_used`, :meth:`retire` for the same
+        steps one by one)."""
+        tracker = self.inflight
+        if tracker is not None:
+            tracker.pre_put(head)
         slot = self.used_idx % self.size
         _USED_ELEM.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * slot, head, written)
         # x86 keeps stores in order, so the element is visible before the index.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used_h[1] = self.used_idx
+        if tracker is not None:
+            tracker.post_put(head, self.used_idx)
+
+    # push() in steps, for fault injection that stops a process between them.
+    def write_used(self, head: int, written: int) -> None:
+        if self.inflight is not None:
+            self.inflight.pre_put(head)
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * slot, head, written)
+
+    def publish_used(self) -> None:
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._used_h[1] = self.used_idx
+
+    def retire(self, head: int) -> None:
+        if self.inflight is not None:
+            self.inflight.post_put(head, self.used_idx)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""

@@ -16,6 +16,13 @@ link fd is no longer watched until the driver kicks the ring with new
 buffers (back-pressure, no busy loop, nothing queued here; the frames wait
 in the TAP's or the socket's own bounded queue).
 
+After a backend crash, receive chains the previous process had taken and
+not returned (in-flight tracking, :mod:`dvmm_shared.inflight`) are handed
+out first by the queue and filled with the next frames, like any posted
+buffer; the frame the crash interrupted is lost, as on a wire.  Chains
+given back at the end of a round are unmarked (or, resubmitted ones, stay
+first in line), so none is reported twice.
+
 Hostile chains are counted and returned empty (a used length of 0, which
 a driver discards); a frame longer than the buffers it got is counted and
 dropped, and the buffers reused.
@@ -215,7 +222,7 @@ class RxRound:
         """Return a bad chain empty, but only in ring order: with chains stashed
         before it, it goes back to the ring until they are used."""
         if self.chains:
-            self.queue.undo_pop()
+            self.queue.undo_pop(head)
             self.blocked = True
             return
         stats = self.pair.all_stats
@@ -226,9 +233,10 @@ class RxRound:
         self.pushed = True
 
     def give_back(self) -> None:
-        """Unpop the chains no frame used (they are the last ones popped)."""
-        for _ in range(len(self.chains)):
-            self.queue.undo_pop()
+        """Unpop the chains no frame used (they are the last ones popped,
+        and go back newest first)."""
+        for posted in reversed(self.chains):
+            self.queue.undo_pop(posted.head)
         self.chains.clear()
         self.capacity = self.descriptors = 0
 

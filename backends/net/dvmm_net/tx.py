@@ -7,6 +7,11 @@ kernel then checksums and segments), without it to a link of bare frames.
 Every chain is returned with a used length of 0 (the device writes nothing
 into transmit buffers).
 
+After a backend crash, chains the previous process had taken and not
+returned (in-flight tracking, :mod:`dvmm_shared.inflight`) are handed out
+first by the queue and simply sent again: a frame may reach the link twice,
+which a network tolerates as it tolerates loss.
+
 A full link (BlockingIOError) gives the chain back to the ring and waits
 for the link fd to be writable, instead of dropping or queueing.  A bad
 chain or a link error drops that frame, counted, and the ring keeps going.
@@ -44,7 +49,7 @@ def transmit(pair: QueuePair, queue: SplitQueue) -> bool:
         if chain is None:
             return pushed
         if not _send(pair, chain):
-            queue.undo_pop()
+            queue.undo_pop(chain.head)
             pair.block_tx()
             return pushed
         queue.push(chain.head, 0)

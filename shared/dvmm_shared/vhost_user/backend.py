@@ -28,6 +28,7 @@ class QueueStats:
     bad_chains: int = 0
     notifications: int = 0
     kicks: int = 0
+    resubmitted: int = 0  # requests a previous process left in flight, served again
 
 
 @dataclass

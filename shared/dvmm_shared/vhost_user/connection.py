@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,24 +75,36 @@ class Connection:
         if sent < len(data):
             self.sock.sendall(data[sent:])
 
-    def recv(self) -> Message:
-        """Read one whole message.  Raises ConnectionClosed or MessageError."""
+    def recv(self, timeout: float | None = None) -> Message:
+        """Read one whole message.  Raises ConnectionClosed or MessageError;
+        with ``timeout``, TimeoutError unless all of it arrives within that
+        many seconds (a peer stalling mid-message cannot hold us)."""
         fds: list[int] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        previous = self.sock.gettimeout()
         try:
-            raw = self._recv_exact(HEADER.size, fds)
+            raw = self._recv_exact(HEADER.size, fds, deadline)
             header = Header.decode(raw)
-            payload = self._recv_exact(header.size, fds) if header.size else b""
+            payload = self._recv_exact(header.size, fds, deadline) if header.size else b""
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
+        finally:
+            if deadline is not None:
+                self.sock.settimeout(previous)
         return Message(header, payload, fds)
 
-    def _recv_exact(self, n: int, fds: list[int]) -> bytes:
+    def _recv_exact(self, n: int, fds: list[int], deadline: float | None) -> bytes:
         chunks: list[bytes] = []
         got = 0
         space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
         while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"message incomplete: {got} of {n} bytes")
+                self.sock.settimeout(left)
             data, anc, flags, _addr = self.sock.recvmsg(n - got, space)
             for level, kind, blob in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
