@@ -1,7 +1,9 @@
 """Small static C tools for the test guest, for what busybox lacks.
 
 Owns compiling them (``gcc -static``) into the initramfs root.  Today:
-``blkzero`` (BLKZEROOUT, i.e. virtio-blk WRITE_ZEROES from the guest).
+``blkzero`` (BLKZEROOUT, i.e. virtio-blk WRITE_ZEROES from the guest) and
+``blkverify`` (writes, flushes and re-reads numbered, checksummed blocks with
+O_DIRECT from several threads: the crash-recovery tests' workload).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from .debian import GuestBuildError
 
-TOOLS = {"blkzero": "blkzero.c"}
+TOOLS = {"blkzero": "blkzero.c", "blkverify": "blkverify.c"}
 
 
 def sources() -> list[bytes]:
@@ -27,7 +29,7 @@ def install_tools(root: Path) -> None:
                               "(apt-get install gcc libc6-dev)")
     for name, src in TOOLS.items():
         out = root / "bin" / name
-        proc = subprocess.run([gcc, "-static", "-Os", "-s", "-o", str(out),
+        proc = subprocess.run([gcc, "-static", "-Os", "-s", "-pthread", "-o", str(out),
                                str(Path(__file__).parent / src)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
