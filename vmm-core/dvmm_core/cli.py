@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dvmm_blk import main as blk_main
     from dvmm_net import main as net_main
 
-    from . import demo_vm, run
+    from . import control_cli, demo_vm, run
     from .bench import blk as bench_blk
     from .bench import core as bench_core
     from .bench import net as bench_net
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     demo_vm.add_parser(sub)
     demo_disk.add_parser(sub)
+    control_cli.add_parsers(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against peers (ratios, not tests)",
                            description="Benchmarks that run dvmm and a peer in the same "
