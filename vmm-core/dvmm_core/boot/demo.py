@@ -104,20 +104,20 @@ def _default_cache_dir() -> Path:
     return Path(base) / "dvmm" / "boot"
 
 
-def _source() -> bytes:
-    return resources.files(__package__).joinpath(SOURCE_NAME).read_bytes()
+def _source(name: str = SOURCE_NAME) -> bytes:
+    return resources.files(__package__).joinpath(name).read_bytes()
 
 
-def _check_sector(image: bytes, what: str) -> None:
+def _check_sector(image: bytes, what: str, magic: bytes = PARAMS_MAGIC) -> None:
     if len(image) != SECTOR_SIZE:
         raise BootBuildError(f"{what}: {len(image)} bytes, expected {SECTOR_SIZE}")
     if image[510:512] != b"\x55\xaa":
         raise BootBuildError(f"{what}: no 0x55AA boot signature")
-    if image[PARAMS_OFFSET:PARAMS_OFFSET + 4] != PARAMS_MAGIC:
+    if image[PARAMS_OFFSET:PARAMS_OFFSET + 4] != magic:
         raise BootBuildError(f"{what}: no parameter block at {PARAMS_OFFSET:#x}")
 
 
-def _run_tool(argv: list[str], cwd: str) -> None:
+def _run_tool(argv: list[str], cwd: str, name: str = SOURCE_NAME) -> None:
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except OSError as exc:
@@ -126,10 +126,10 @@ def _run_tool(argv: list[str], cwd: str) -> None:
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else "")
         raise BootBuildError(
-            f"{Path(argv[0]).name} failed on {SOURCE_NAME} (exit {proc.returncode}): {detail}")
+            f"{Path(argv[0]).name} failed on {name} (exit {proc.returncode}): {detail}")
 
 
-def _build(source: bytes) -> bytes:
+def _build(source: bytes, name: str = SOURCE_NAME, magic: bytes = PARAMS_MAGIC) -> bytes:
     tools = {name: shutil.which(name) for name in ("as", "ld")}
     missing = [name for name, path in tools.items() if path is None]
     if missing:
@@ -138,16 +138,17 @@ def _build(source: bytes) -> bytes:
             "not found on PATH (install binutils: apt-get install binutils)")
     assert tools["as"] is not None and tools["ld"] is not None
     with tempfile.TemporaryDirectory(prefix="dvmm-boot-") as tmp:
-        Path(tmp, SOURCE_NAME).write_bytes(source)
-        _run_tool([tools["as"], "--32", "-o", "demo_boot.o", SOURCE_NAME], tmp)
+        Path(tmp, name).write_bytes(source)
+        _run_tool([tools["as"], "--32", "-o", "boot.o", name], tmp, name)
         _run_tool([tools["ld"], "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "_start",
-                   "--oformat", "binary", "-o", "demo_boot.bin", "demo_boot.o"], tmp)
-        image = Path(tmp, "demo_boot.bin").read_bytes()
-    _check_sector(image, "assembled demo boot sector")
+                   "--oformat", "binary", "-o", "boot.bin", "boot.o"], tmp, name)
+        image = Path(tmp, "boot.bin").read_bytes()
+    _check_sector(image, f"assembled {name}", magic)
     return image
 
 
-def assemble_boot_sector(cache_dir: Path | None = None) -> bytes:
+def assemble_boot_sector(cache_dir: Path | None = None, name: str = SOURCE_NAME,
+                         magic: bytes = PARAMS_MAGIC) -> bytes:
     """The 512-byte demo boot sector, assembled from ``demo_boot.S``.
 
     The result is cached in ``cache_dir`` (default
@@ -156,20 +157,21 @@ def assemble_boot_sector(cache_dir: Path | None = None) -> bytes:
     only costs a rebuild next time.  Raises :class:`BootBuildError` (one
     line) when binutils is missing or the source does not assemble.
     """
-    source = _source()
+    source = _source(name)
     key = hashlib.sha256(_RECIPE + b"\0" + source).hexdigest()[:16]
     directory = cache_dir if cache_dir is not None else _default_cache_dir()
-    cached = directory / f"demo_boot-{key}.bin"
+    stem = Path(name).stem
+    cached = directory / f"{stem}-{key}.bin"
     try:
         image = cached.read_bytes()
-        _check_sector(image, str(cached))
+        _check_sector(image, str(cached), magic)
         return image
     except (OSError, BootBuildError):
         pass
-    image = _build(source)
+    image = _build(source) if name == SOURCE_NAME else _build(source, name, magic)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".demo_boot-", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}-", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(image)
             os.fchmod(f.fileno(), 0o644)
