@@ -112,7 +112,7 @@ def test_counted_enospc_on_writes(blk: tuple[BlkProcess, str], image: Path) -> N
     ({"kind": "error", "count": True}, "count must be an integer"),
     ({"kind": "delay"}, "fault delay needs ms"),
     ({"kind": "delay", "ms": -1}, "ms must be an integer"),
-    ({"kind": "crash-at", "point": "never"}, "point must be one of"),
+    ({"kind": "crash-at", "point": "never"}, "point must be one of after-pop, after-data"),
 ])
 def test_bad_fault_arguments(blk: tuple[BlkProcess, str], args: dict[str, Any],
                              text: str) -> None:
@@ -120,6 +120,60 @@ def test_bad_fault_arguments(blk: tuple[BlkProcess, str], args: dict[str, Any],
     with pytest.raises(ControlError, match=text):
         command(ep, "fault", **args)
     assert command(ep, "health")["ok"] is True
+
+
+def wait_health(ep: str, frontend: bool, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (health := command(ep, "health"))["frontend"] is not frontend:
+        assert time.monotonic() < deadline, f"frontend never became {frontend}"
+        time.sleep(0.01)
+    return health
+
+
+def test_close_socket_drops_the_frontend(blk: tuple[BlkProcess, str]) -> None:
+    b, ep = blk
+    with SyntheticVM(mem_size=1 << 20) as vm:
+        vm.connect(str(b.socket), ALL_FEATURES)
+        assert wait_health(ep, True)["connections"] == 1
+        assert command(ep, "fault", kind="close-socket")["frontend"] is True
+        wait_health(ep, False)
+    with SyntheticVM(mem_size=1 << 20) as vm:  # the backend serves the next frontend
+        vm.connect(str(b.socket), ALL_FEATURES)
+        assert rw(vm, 2, b"G" * 512) == (OK, OK, b"G" * 512)
+    assert command(ep, "stats")["connections"] == 2
+
+
+def test_delay_is_armed_and_cleared(blk: tuple[BlkProcess, str]) -> None:
+    b, ep = blk
+    assert command(ep, "fault", kind="delay", ms=30)["ms"] == 30
+    command(ep, "fault", kind="crash-at", point="after-used")
+    command(ep, "fault", kind="error", errno="ENOSPC", op="write", count=4)
+    assert command(ep, "stats")["faults"] == {
+        "delay_ms": 30, "crash_point": "after-used",
+        "error": {"errno": "ENOSPC", "ops": ["discard", "flush", "write", "write_zeroes"],
+                  "remaining": 4}}
+    with SyntheticVM(mem_size=1 << 20) as vm:
+        vm.connect(str(b.socket), ALL_FEATURES)
+        command(ep, "fault", kind="crash-at", point="after-used")
+        command(ep, "fault", kind="clear")
+        assert command(ep, "stats")["faults"] == {"delay_ms": 0, "crash_point": None,
+                                                  "error": None}
+        command(ep, "fault", kind="delay", ms=30)
+        assert rw(vm, 4, b"H" * 512) == (OK, OK, b"H" * 512)  # slower, still served
+
+
+@pytest.mark.parametrize("point", ["after-data", "after-used"])
+def test_crash_at_kills_mid_request(blk: tuple[BlkProcess, str], point: str) -> None:
+    b, ep = blk
+    with SyntheticVM(mem_size=1 << 20) as vm:
+        vm.connect(str(b.socket), ALL_FEATURES)
+        command(ep, "fault", kind="crash-at", point=point)
+        ring = vm.rings[0]
+        post(vm, ring, T.IN, 1, in_len=512)
+        ring.kick.signal()
+        assert b.proc.wait(10) == -signal.SIGKILL
+        # after-used: the completion was published before the crash; after-data: not
+        assert len(ring.queue.get_used()) == (1 if point == "after-used" else 0)
 
 
 def test_shutdown_exits_cleanly(blk: tuple[BlkProcess, str], tmp_path: Path) -> None:

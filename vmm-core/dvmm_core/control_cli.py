@@ -328,7 +328,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("action", metavar="ACTION",
                    help="kill|stop|cont|restart|delay|error|close-socket|crash-at|clear")
     p.add_argument("arg", nargs="?", metavar="ARG", help="MS for delay, ERRNO for error "
-                   "(EIO, ENOSPC), POINT for crash-at (after-data, before-used, after-used)")
+                   "(EIO, ENOSPC), POINT for crash-at (after-pop, after-data, before-used, "
+                   "after-used)")
     p.add_argument("--op", choices=["read", "write", "any"], help="error: which I/O fails")
     p.add_argument("--count", type=int, metavar="N", help="error: fail N times (default: "
                    "until `clear`)")
@@ -344,9 +345,10 @@ process faults (carried out by the core's supervisor):
   stop, cont  SIGSTOP / SIGCONT it
   restart     stop it cleanly and start it again
 backend faults (sent to the backend's own control endpoint):
-  delay MS    hold each request MS milliseconds before serving it (0 clears)
+  delay MS    sleep MS milliseconds before each ring service pass (0 clears)
   error ERRNO fail disk I/O with EIO or ENOSPC (--op read|write|any, --count N)
   close-socket  drop the vhost-user connection (the core reconnects)
-  crash-at POINT  die at after-data, before-used or after-used of the next request
+  crash-at POINT  SIGKILL itself at that step of the next request: after-pop,
+              after-data, before-used or after-used
   clear       switch every backend fault off
 """

@@ -182,6 +182,14 @@ class FaultyDisk:
     def armed(self) -> InjectedError | None:
         return self._armed
 
+    def describe(self) -> dict[str, object] | None:
+        """The armed error for the control plane's stats, or None."""
+        armed = self._armed
+        if armed is None:
+            return None
+        return {"errno": errno.errorcode.get(armed.err, str(armed.err)),
+                "ops": sorted(armed.ops), "remaining": armed.remaining}
+
     def _check(self, op: str) -> None:
         if self._armed is None:
             return

@@ -27,16 +27,15 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import psutil
 
 from ..control import CommandServer, ControlError
-from .daemon import Daemon
+from .daemon import CRASH_POINTS, Daemon
 
 DeviceStats = Callable[[], dict[str, Any]]
 FAULT_KINDS = ("kill", "delay", "error", "close-socket", "crash-at", "clear")
-CRASH_POINTS = ("after-data", "before-used", "after-used")
 ERROR_OPS = ("read", "write", "any")
 ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 MAX_DELAY_MS = 60_000
@@ -47,16 +46,8 @@ class FaultApplier(Protocol):
 
     def inject_error(self, err: int, op: str, count: int | None) -> None: ...
     def clear(self) -> None: ...
-
-
-class DaemonHooks(Protocol):
-    """The fault hooks of the vhost-user daemon (set from any thread)."""
-
-    service_delay: float
-    crash_point: str | None
-
-    def call_soon(self, fn: Callable[[], None]) -> None: ...
-    def drop_frontend(self) -> bool: ...
+    def describe(self) -> dict[str, Any] | None:
+        """The armed error (errno name, ops, remaining count), or None."""
 
 
 def add_control_argument(parser: argparse.ArgumentParser) -> None:
@@ -92,8 +83,8 @@ class BackendControl:
         return round(max(0.0, time.time() - self.started), 3)
 
     def health(self, req: dict[str, Any]) -> dict[str, Any]:
-        session = getattr(self.daemon, "session", None)
-        return {"pid": os.getpid(), "uptime": self._uptime(), "frontend": session is not None,
+        return {"pid": os.getpid(), "uptime": self._uptime(),
+                "frontend": self.daemon.session is not None,
                 "connections": self.daemon.stats.connections}
 
     def stats(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +95,13 @@ class BackendControl:
             "connections": st.connections, "protocol_errors": st.protocol_errors,
             "queues": [{"index": i, **asdict(q)} for i, q in sorted(queues.items())],
             "device": self.device_stats() if self.device_stats is not None else {},
+            "faults": self._armed(),
         }
+
+    def _armed(self) -> dict[str, Any]:
+        return {"delay_ms": round(self.daemon.service_delay * 1000),
+                "crash_point": self.daemon.crash_point,
+                "error": self.faults.describe() if self.faults is not None else None}
 
     def shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
         self.server.exit_after_reply(self.daemon.stop)
@@ -121,11 +118,6 @@ class BackendControl:
             raise ControlError(f"fault kind must be one of {', '.join(FAULT_KINDS)}")
         return {"kind": kind, **handler(req)}
 
-    def _hooks(self, kind: str) -> DaemonHooks:
-        if not hasattr(self.daemon, "call_soon"):
-            raise ControlError(f"fault {kind}: this backend's daemon has no fault hooks")
-        return cast(DaemonHooks, self.daemon)
-
     def _kill(self, req: dict[str, Any]) -> dict[str, Any]:
         # SIGKILL only once the reply has left: the caller learns it was armed.
         self.server.exit_after_reply(lambda: os.kill(os.getpid(), signal.SIGKILL))
@@ -135,45 +127,43 @@ class BackendControl:
         ms = _int_arg(req, "ms", 0, MAX_DELAY_MS)
         if ms is None:
             raise ControlError("fault delay needs ms (0 clears)")
-        self._hooks("delay").service_delay = ms / 1000
+        self.daemon.service_delay = ms / 1000
         return {"ms": ms}
 
     def _error(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.faults is None:
             raise ControlError("fault error: this backend has no I/O error injection")
         name = req.get("errno", "EIO")
-        if name not in ERRNOS:
+        if not isinstance(name, str) or name not in ERRNOS:
             raise ControlError(f"fault error: errno must be one of {', '.join(ERRNOS)}")
         op = req.get("op", "any")
-        if op not in ERROR_OPS:
+        if not isinstance(op, str) or op not in ERROR_OPS:
             raise ControlError(f"fault error: op must be one of {', '.join(ERROR_OPS)}")
         count = _int_arg(req, "count", 1, 1 << 32)
         self.faults.inject_error(ERRNOS[name], op, count)
         return {"errno": name, "op": op, "count": count}
 
     def _close_socket(self, req: dict[str, Any]) -> dict[str, Any]:
-        hooks = self._hooks("close-socket")
+        had = self.daemon.session is not None
 
         def drop() -> None:  # on the daemon's loop, between two messages
-            hooks.drop_frontend()
+            self.daemon.drop_frontend()
 
-        hooks.call_soon(drop)
-        return {}
+        self.daemon.call_soon(drop)
+        return {"frontend": had}
 
     def _crash_at(self, req: dict[str, Any]) -> dict[str, Any]:
         point = req.get("point")
-        if point not in CRASH_POINTS:
+        if not isinstance(point, str) or point not in CRASH_POINTS:
             raise ControlError(f"fault crash-at: point must be one of {', '.join(CRASH_POINTS)}")
-        self._hooks("crash-at").crash_point = point
+        self.daemon.crash_point = point
         return {"point": point}
 
     def _clear(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.faults is not None:
             self.faults.clear()
-        if hasattr(self.daemon, "call_soon"):
-            hooks = cast(DaemonHooks, self.daemon)
-            hooks.service_delay = 0.0
-            hooks.crash_point = None
+        self.daemon.service_delay = 0.0
+        self.daemon.crash_point = None
         return {}
 
 
