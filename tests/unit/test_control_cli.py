@@ -104,7 +104,7 @@ def blk(vmdir: Path, core: FakeCore) -> Iterator[BlkProcess]:
         wait_for_file(vmdir / "blk0.ctl", b.proc)
         core.backends[:] = [
             backend_entry("blk0", b.proc.pid, endpoint, restarts=2,
-                          last_exit="killed by signal 9"),
+                          last_exit="killed by signal 9", link="connected"),
             backend_entry("net0", None, None, given_up_reason="crashed 10 times in 60 s"),
         ]
         yield b
@@ -125,12 +125,12 @@ def test_status_table(blk: BlkProcess, vmdir: Path, capsys: pytest.CaptureFixtur
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == f"VM pid {os.getpid()}  state running  up 12.5s  runtime {vmdir}"
-    assert lines[1].split() == ["NAME", "PID", "STATE", "RESTARTS", "UPTIME", "RSS", "CPU",
-                                "I/O", "POLICY"]
+    assert lines[1].split() == ["NAME", "PID", "STATE", "LINK", "RESTARTS", "UPTIME", "RSS",
+                                "CPU", "I/O", "POLICY"]
     row = lines[2].split()
-    assert row[:5] == ["blk0", str(blk.proc.pid), "running", "2", "3.0s"]
+    assert row[:6] == ["blk0", str(blk.proc.pid), "running", "connected", "2", "3.0s"]
     assert "r 1/2.0K w 0/0 fl 0 err 0" in lines[2]
-    assert lines[3].split()[:3] == ["net0", "-", "given-up"] and " - " in lines[3]
+    assert lines[3].split()[:4] == ["net0", "-", "given-up", "-"] and " - " in lines[3]
     assert lines[4:] == ["blk0: last exit: killed by signal 9",
                          "net0: given up: crashed 10 times in 60 s"]
     assert status(vm, r) == OK
@@ -145,7 +145,7 @@ def test_status_json(blk: BlkProcess, core: FakeCore, vmdir: Path,
     assert report["runtime_dir"] == str(vmdir) and report["vm"]["state"] == "running"
     blk0, net0, mute = report["backends"]
     assert blk0["rss"] > 0 and blk0["cpu_s"] >= 0 and blk0["stats"]["pid"] == blk.proc.pid
-    assert blk0["stats"]["device"]["reads"] == 0
+    assert blk0["stats"]["device"]["reads"] == 0 and "ok" not in blk0["stats"]
     assert net0["rss"] is None and net0["stats"] is None
     assert mute["stats"] is None  # its endpoint does not answer: "-" in the table
 
@@ -154,7 +154,7 @@ def test_process_faults_go_to_the_core(blk: BlkProcess, core: FakeCore,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     for action in ("kill", "stop", "cont", "restart"):
         rc, out, _ = dvmm(capsys, "fault", "blk0", action)
-        assert rc == 0 and out == f"blk0: {action} done (name=blk0 action={action})\n"
+        assert rc == 0 and out == f"blk0: {action} done\n"
     assert [f["action"] for f in core.faults] == ["kill", "stop", "cont", "restart"]
     assert blk.proc.poll() is None  # the fake core does not carry them out
 

@@ -237,7 +237,9 @@ def _backend_stats(backend: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(control, str) or not backend.get("pid"):
         return None
     try:
-        return command(control, "stats", timeout=1.0)
+        stats = command(control, "stats", timeout=1.0)
+        stats.pop("ok", None)
+        return stats
     except ControlError:
         return None  # shown as "-": the backend is down, stopped or busy
 
@@ -254,7 +256,8 @@ def run_fault(args: argparse.Namespace) -> int:
         reply = ask(vm.core, "fault", name=args.name, action=action)
     else:
         reply = ask(_backend_endpoint(vm, args.name), "fault", **_backend_fault(args))
-    details = " ".join(f"{k}={v}" for k, v in reply.items() if k not in ("ok", "kind"))
+    details = " ".join(f"{k}={v}" for k, v in reply.items()
+                       if k not in ("ok", "kind", "name", "action"))
     print(f"{args.name}: {action} done{' (' + details + ')' if details else ''}")
     return 0
 

@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 EVENT_KEYS = ("event", "seq", "ts")
-COLUMNS = ("NAME", "PID", "STATE", "RESTARTS", "UPTIME", "RSS", "CPU", "I/O", "POLICY")
+COLUMNS = ("NAME", "PID", "STATE", "LINK", "RESTARTS", "UPTIME", "RSS", "CPU", "I/O",
+           "POLICY")
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -96,10 +97,13 @@ def _cpu(b: dict[str, Any]) -> str:
 
 
 def backend_row(b: dict[str, Any]) -> tuple[str, ...]:
+    policy = str(b.get("policy") or "-")
+    if b.get("external") and policy != "external":
+        policy += " (external)"
     return (str(b.get("name", "?")), str(b.get("pid") or "-"), str(b.get("state", "?")),
-            str(b.get("restarts", "-")), human_seconds(b.get("uptime")),
-            human_bytes(b.get("rss")), _cpu(b), io_summary(b.get("stats")),
-            str(b.get("policy") or "-") + (" (external)" if b.get("external") else ""))
+            str(b.get("link") or "-"), str(b.get("restarts", "-")),
+            human_seconds(b.get("uptime")), human_bytes(b.get("rss")), _cpu(b),
+            io_summary(b.get("stats")), policy)
 
 
 def status_table(report: dict[str, Any]) -> str:
