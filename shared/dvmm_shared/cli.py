@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -37,6 +38,34 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log every vhost-user message and request")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def add_standby_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--standby-fd", type=int, metavar="N",
+        help="start as a warm standby (dvmm's supervisor does this to restart a crashed "
+             "backend in milliseconds): load the program, then wait for one byte on fd N "
+             "before opening anything or listening; exit quietly when N is closed instead")
+
+
+def wait_for_activation(fd: int | None) -> None:
+    """``--standby-fd``: block until the supervisor activates this process.
+
+    Called before the program opens its image, TAP or sockets, so a standby
+    holds nothing its running twin needs; everything imported is ready."""
+    if fd is None:
+        return
+    try:
+        go = os.read(fd, 1)
+    except OSError as exc:
+        raise UsageError(f"--standby-fd {fd}: {one_line(exc)}") from None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if not go:
+        raise SystemExit(0)  # the supervisor does not need this standby any more
 
 
 def run_main(prog: str, func: Callable[[], int]) -> int:

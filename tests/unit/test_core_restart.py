@@ -172,3 +172,41 @@ def test_policy_names_parse() -> None:
     assert RestartPolicy.parse("on-failure") is RestartPolicy.ON_FAILURE
     with pytest.raises(ValueError, match="known: always, on-failure, never"):
         RestartPolicy.parse("sometimes")
+
+
+STANDBY_CHILD = """
+import os, socket, sys, time
+args = sys.argv[1:]
+if "--standby-fd" in args:
+    fd = int(args[args.index("--standby-fd") + 1])
+    if not os.read(fd, 1):
+        sys.exit(0)
+s = socket.socket(socket.AF_UNIX)
+s.bind(args[0])
+s.listen()
+time.sleep(60)
+"""
+
+
+def test_a_warm_standby_takes_over_and_a_new_one_is_prepared(
+        sup: Supervisor, events: Events, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvmm_core import supervisor as supervisor_mod
+
+    monkeypatch.setattr(supervisor_mod, "STANDBY_DELAY", 0.05)
+    sock = sup.socket_path("blk0")
+    b = sup.spawn("blk0", [sys.executable, "-c", STANDBY_CHILD, sock], sock,
+                  restart=RestartSpec(), standby=True)
+    sup.wait_for_socket(b, timeout=15)
+    assert wait_until(lambda: b._spare is not None)
+    assert b._spare is not None
+    spare_pid = b._spare[0].pid
+    os.unlink(sock)
+    os.kill(b.pid, signal.SIGKILL)
+    events.wait_for("backend-restarted")
+    assert b.pid == spare_pid  # the standby became the backend
+    sup.wait_for_socket(b, timeout=15)
+    assert wait_until(lambda: b._spare is not None and b._spare[0].pid != spare_pid)
+    assert b._spare is not None
+    last_spare = b._spare[0]
+    sup.stop_all()
+    assert last_spare.wait(10) == 0  # told to go away: a clean exit

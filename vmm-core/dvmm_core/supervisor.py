@@ -10,9 +10,15 @@ and a cap on restarts per window after which the backend is *given up*: its
 device stays offline and the event stream says why.  A backend that dies
 while the supervisor is stopping is never restarted.
 
+Warm standby: for a backend that supports it (``--standby-fd``, every dvmm
+backend), the supervisor keeps a second process that has loaded the program
+and waits on a pipe, holding nothing.  A restart then writes one byte to it
+instead of starting an interpreter (which costs ~200 ms of imports), and a
+new standby is prepared a moment later, once the restarted backend serves.
+
 Children get ``PR_SET_PDEATHSIG`` so they never outlive the core.  The
-signal follows the *thread* that forked, so every restart is spawned by one
-long-lived restarter thread, never by the short-lived watcher threads.
+signal follows the *thread* that forked, so every restart and standby is
+spawned by one long-lived timer thread, never by the short-lived watchers.
 Children are stopped with SIGTERM (then SIGKILL after a grace period) when
 the core shuts down.  psutil reports their RSS and CPU time.
 
@@ -23,9 +29,10 @@ publishes it on the ZeroMQ event stream): ``backend-started``,
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -45,6 +52,9 @@ from dvmm_shared.procs import die_with_parent
 log = logging.getLogger("dvmm.supervisor")
 
 STOP_GRACE = 5.0
+#: A new standby is prepared this long after its twin started: the import
+#: work must not compete with the restarted backend for the CPU.
+STANDBY_DELAY = 1.0
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -115,6 +125,8 @@ class Backend:
     started_at: float = 0.0
     given_up_reason: str | None = None
     last_exit: str | None = None
+    standby: bool = False
+    _spare: tuple[subprocess.Popen[bytes], int] | None = field(default=None, repr=False)
     _restart_times: deque[float] = field(default_factory=deque, repr=False)
     _quick_failures: int = field(default=0, repr=False)
     _forced: bool = field(default=False, repr=False)
@@ -178,8 +190,11 @@ class Supervisor:
         self.on_event = on_event
         self._stopping = False
         self._lock = threading.Lock()
-        self._restarts: queue.Queue[tuple[float, Backend] | None] = queue.Queue()
-        self._restarter: threading.Thread | None = None
+        # The timer thread's agenda: (due, tie-break, "restart"|"standby", backend).
+        self._agenda: list[tuple[float, int, str, Backend]] = []
+        self._tick = itertools.count()
+        self._agenda_cond = threading.Condition()
+        self._timer: threading.Thread | None = None
 
     def socket_path(self, name: str) -> str:
         return os.path.join(self.runtime_dir, f"{name}.sock")
@@ -188,7 +203,8 @@ class Supervisor:
         return f"ipc://{os.path.join(self.runtime_dir, name)}.ctl"
 
     def spawn_python(self, name: str, module: str, args: Sequence[str],
-                     restart: RestartSpec | None = None, control: bool = False) -> Backend:
+                     restart: RestartSpec | None = None, control: bool = False,
+                     standby: bool = False) -> Backend:
         """Start ``python -m module --socket <runtime>/<name>.sock args...``
         (with ``--control ipc://<runtime>/<name>.ctl`` when asked)."""
         sock = self.socket_path(name)
@@ -196,22 +212,34 @@ class Supervisor:
         endpoint = self.control_endpoint(name) if control else None
         if endpoint is not None:
             argv += ["--control", endpoint]
-        return self.spawn(name, [*argv, *args], sock, restart=restart, control=endpoint)
+        return self.spawn(name, [*argv, *args], sock, restart=restart, control=endpoint,
+                          standby=standby)
 
     def spawn(self, name: str, argv: list[str], socket: str, *,
-              restart: RestartSpec | None = None, control: str | None = None) -> Backend:
-        backend = Backend(name, argv, socket, restart or RestartSpec(), control)
+              restart: RestartSpec | None = None, control: str | None = None,
+              standby: bool = False) -> Backend:
+        """Start a backend; ``standby``: its program takes ``--standby-fd``."""
+        backend = Backend(name, argv, socket, restart or RestartSpec(), control, standby=standby)
         self._start(backend)
         self.backends.append(backend)
         return backend
 
     def _start(self, backend: Backend) -> None:
-        try:
-            backend.proc = subprocess.Popen(backend.argv, stdin=subprocess.DEVNULL,
-                                            preexec_fn=die_with_parent(signal.SIGTERM))
-        except OSError as exc:
-            raise SupervisorError(f"cannot start backend {backend.name}: {exc.strerror}"
-                                  ) from None
+        spare, backend._spare = backend._spare, None
+        if spare is not None and spare[0].poll() is None:
+            proc, go = spare
+            try:
+                os.write(go, b"g")
+            except OSError:
+                proc.kill()
+                spare = None
+            os.close(go)
+        elif spare is not None:
+            os.close(spare[1])
+            spare = None
+        if spare is None:
+            proc = self._popen(backend, backend.argv)
+        backend.proc = proc
         backend.state = BackendState.RUNNING
         backend.returncode = None
         backend.started_at = time.monotonic()
@@ -220,6 +248,39 @@ class Supervisor:
                    restarts=backend.restarts)
         threading.Thread(target=self._watch, args=(backend, backend.proc),
                          name=f"watch-{backend.name}", daemon=True).start()
+        if backend.standby:
+            self._at(STANDBY_DELAY, "standby", backend)
+
+    def _popen(self, backend: Backend, argv: list[str],
+               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds,
+                                    preexec_fn=die_with_parent(signal.SIGTERM))
+        except OSError as exc:
+            raise SupervisorError(f"cannot start backend {backend.name}: {exc.strerror}"
+                                  ) from None
+
+    def _prepare_standby(self, backend: Backend) -> None:
+        """(timer thread, lock held) A warm twin waiting on a pipe."""
+        if backend._spare is not None or backend.state is not BackendState.RUNNING:
+            return
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = self._popen(backend, [*backend.argv, "--standby-fd", str(r)], (r,))
+        except SupervisorError as exc:
+            os.close(w)
+            log.warning("%s; restarts will start a new process", exc)
+            return
+        finally:
+            os.close(r)
+        backend._spare = (proc, w)
+        log.debug("backend %s: standby ready (pid %d)", backend.name, proc.pid)
+
+    def _drop_standby(self, backend: Backend) -> None:
+        spare, backend._spare = backend._spare, None
+        if spare is not None:
+            os.close(spare[1])  # EOF: the standby exits 0
+            spare[0].wait()
 
     def wait_for_socket(self, backend: Backend, timeout: float = 15.0) -> None:
         """Wait until the backend listens, or fail if it exits first."""
@@ -268,6 +329,7 @@ class Supervisor:
         while times and now - times[0] > spec.window:
             times.popleft()
         if not forced and len(times) >= spec.limit:
+            self._drop_standby(backend)
             backend.state = BackendState.GAVE_UP
             backend.given_up_reason = (
                 f"restarted {len(times)} times in {spec.window:.0f} s and {backend.last_exit} "
@@ -283,20 +345,35 @@ class Supervisor:
         return delay
 
     def _schedule(self, delay: float, backend: Backend) -> None:
-        if self._restarter is None:
-            self._restarter = threading.Thread(target=self._restart_loop,
-                                               name="restarter", daemon=True)
-            self._restarter.start()
-        self._restarts.put((time.monotonic() + delay, backend))
+        self._at(delay, "restart", backend)
 
-    def _restart_loop(self) -> None:
-        """The one thread that forks restarted backends (see the module doc)."""
+    def _at(self, delay: float, what: str, backend: Backend) -> None:
+        with self._agenda_cond:
+            if self._timer is None:
+                self._timer = threading.Thread(target=self._timer_loop, name="restarter",
+                                               daemon=True)
+                self._timer.start()
+            heapq.heappush(self._agenda, (time.monotonic() + delay, next(self._tick), what,
+                                          backend))
+            self._agenda_cond.notify()
+
+    def _timer_loop(self) -> None:
+        """The one thread that forks restarted backends and standbys (see the
+        module doc), each when it is due."""
         while True:
-            item = self._restarts.get()
-            if item is None:
-                return
-            due, backend = item
-            time.sleep(max(0.0, due - time.monotonic()))
+            with self._agenda_cond:
+                while not self._stopping and (
+                        not self._agenda or self._agenda[0][0] > time.monotonic()):
+                    wait = self._agenda[0][0] - time.monotonic() if self._agenda else None
+                    self._agenda_cond.wait(wait)
+                if self._stopping:
+                    return
+                _, _, what, backend = heapq.heappop(self._agenda)
+            if what == "standby":
+                with self._lock:
+                    if not self._stopping:
+                        self._prepare_standby(backend)
+                continue
             with self._lock:
                 if self._stopping or backend.state is not BackendState.RESTARTING:
                     continue
@@ -349,7 +426,10 @@ class Supervisor:
     def stop_all(self) -> None:
         with self._lock:
             self._stopping = True
-        self._restarts.put(None)
+            for b in self.backends:
+                self._drop_standby(b)
+        with self._agenda_cond:
+            self._agenda_cond.notify()
         live = [b for b in self.backends if b.proc and b.proc.poll() is None]
         for b in live:
             assert b.proc is not None

@@ -18,8 +18,9 @@ request that fails the same way has the same effect.  The device is then
 *lost*: nothing guest-visible happens -- doorbells keep landing on the same
 KVM ioeventfds (kicks accumulate in the eventfd counters), config reads are
 answered from the cache, DRIVER_OK and resets only change what is
-remembered.  The monitor reconnects (10 ms back-off doubling to 2 s, for as
-long as the VM runs or until the supervisor gives the backend up) and
+remembered.  The monitor reconnects (every 10 ms for 2 s, then backing off
+to every 2 s, for as long as the VM runs or until the supervisor gives the
+backend up) and
 replays everything: negotiation, memory table, features, the *same*
 in-flight region (so the backend resubmits what it had in flight) and every
 ring at the used index the guest sees (virtio 1.2 2.7.8; the backend moves
@@ -61,7 +62,12 @@ WANTED_PROTOCOL = (1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK
                    | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.INFLIGHT_SHMFD)
 
 REPLY_TIMEOUT = 10.0
+#: Reconnect attempts: every RECONNECT_START for the first RECONNECT_FAST
+#: seconds of an outage (a restarted backend listens within a few hundred
+#: ms; attempts on a missing socket cost a failed connect()), then doubling
+#: up to RECONNECT_CAP for a backend that stays away.
 RECONNECT_START = 0.010
+RECONNECT_FAST = 2.0
 RECONNECT_CAP = 2.0
 #: How often the monitor looks at a connected socket (it is woken at once
 #: by a hang-up; this only bounds how long close() waits for it).
@@ -354,7 +360,8 @@ class VhostUserLink:
                     continue
                 self._wake.wait(delay)
                 self._wake.clear()
-                delay = min(RECONNECT_CAP, delay * 2)
+                if time.monotonic() - self._lost_at > RECONNECT_FAST:
+                    delay = min(RECONNECT_CAP, delay * 2)
             else:
                 self._wake.wait()
                 self._wake.clear()

@@ -22,9 +22,11 @@ from dvmm_shared.cli import (
     ArgumentParser,
     UsageError,
     add_logging_args,
+    add_standby_arg,
     one_line,
     run_main,
     setup_logging,
+    wait_for_activation,
 )
 from dvmm_shared.control import CommandServer, ControlError
 from dvmm_shared.vhost_user.control_host import add_control_argument, start_control
@@ -70,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_control_argument(p)
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user capabilities as JSON and exit")
+    add_standby_arg(p)
     add_logging_args(p)
 
 
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))
         return 0
+    wait_for_activation(args.standby_fd)
     if not args.image:
         raise UsageError("--image FILE is required")
     if bool(args.socket) == (args.fd is not None):

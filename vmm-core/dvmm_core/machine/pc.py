@@ -104,6 +104,7 @@ class MachineConfig:
     backend_args: list[str] = field(default_factory=list)
     kvm_path: str = "/dev/kvm"
     restart: RestartSpec = field(default_factory=RestartSpec)
+    standby: bool = True  # a warm twin per backend for fast restarts
 
 
 class GuestRam:
@@ -252,7 +253,8 @@ class Machine:
                                                                        policy=policy)
             backend = self.supervisor.spawn_python(name, module,
                                                    [*args, *self.cfg.backend_args],
-                                                   restart=restart, control=True)
+                                                   restart=restart, control=True,
+                                                   standby=self.cfg.standby)
             self.supervisor.wait_for_socket(backend)
             socket = backend.socket
             wait = 10.0  # a backend we started may still be creating its socket
