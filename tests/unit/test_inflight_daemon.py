@@ -36,8 +36,11 @@ INFLIGHT = 1 << ProtocolFeature.INFLIGHT_SHMFD
 
 @pytest.fixture
 def ivm() -> Iterator[InflightVM]:
-    with InflightVM(mem_size=4 << 20) as v:
+    v = InflightVM(mem_size=4 << 20)
+    try:
         yield v
+    finally:
+        v.close()
 
 
 def frontend(daemon: DaemonThread, protocol: int = INFLIGHT_PROTOCOL) -> Frontend:
