@@ -173,6 +173,24 @@ class RestartLoop:
             time.sleep(_POLL)
         return moved
 
+    def wait_running(self, timeout: float) -> bool:
+        """Until the current run is on a CPU (state R in ``/proc/PID/stat``); False on timeout.
+
+        A backend waiting for a kick sleeps (S); one seen running is most
+        likely in the middle of a request, the moment a crash test wants.
+        Polls every 0.2 ms (a request takes about a millisecond)."""
+        deadline = time.monotonic() + timeout
+        path = Path(f"/proc/{self.pid}/stat")
+        while time.monotonic() < deadline:
+            try:
+                stat = path.read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+            if stat[stat.rindex(")") + 2] == "R":  # the name in () may hold spaces
+                return True
+            time.sleep(0.0002)
+        return False
+
     def log_path(self, generation: int | None = None) -> Path:
         gen = self.generation if generation is None else generation
         return self.log_dir / f"{self.name}.{gen}.log"
