@@ -51,9 +51,12 @@ BUSY_WAIT = 0.5  # seconds to wait for the backend to be on a CPU before a kill
 IO_RESUMED = MIB  # bytes a run moves before it counts as serving I/O
 SERVE_TIMEOUT = 60.0  # a restarted run gets QEMU back (reconnect=1: every 1 s)
 # What Linux logs when a block request fails or hangs (blk_update_request is
-# the 5.x name of the I/O error line, "timed out"/"timeout" the blk-mq one).
+# the 5.x name of the I/O error line, "timed out"/"timeout" the blk-mq one),
+# and what virtio_ring's BAD_RING says about a used entry it never handed out
+# (a completion given twice) before it marks the queue broken.
 KERNEL_IO_TROUBLE = re.compile(r"I/O error|blk_update_request|timed out|timeout|"
-                               r"virtio_blk.*(reset|error)", re.I)
+                               r"virtio_blk.*(reset|error)|is not a head|out of range|"
+                               r"broken|WARNING:|BUG:|Oops", re.I)
 # What the backend must never log, in any run.
 BACKEND_TROUBLE = re.compile(r"Traceback|broken|bad request|request dropped|I/O error| E ")
 

@@ -53,9 +53,11 @@ PINGS = 200  # every 100 ms: 20 s
 FIRST_KILL = (1.0, 3.0)  # seconds after the pings start
 UP_BEFORE_KILL = (1.0, 2.5)  # seconds of pings after a restart before the next kill
 RESUME_TIMEOUT = 30.0
-# What Linux logs when it resets a virtio-net device or gives up on a queue.
+# What Linux logs when it resets a virtio-net device or gives up on a queue,
+# and virtio_ring's BAD_RING complaints (a buffer completed twice, say).
 RESET_SIGNS = re.compile(r"virtio_net.*reset|NETDEV WATCHDOG|transmit queue \d+ timed out|"
-                         r"TX timeout", re.I)
+                         r"TX timeout|is not a head|out of range|broken|WARNING:|BUG:|Oops",
+                         re.I)
 BACKEND_TROUBLE = re.compile(r"Traceback|broken|bad request| E ")
 ICMP_ECHO_REQUEST = 8
 
