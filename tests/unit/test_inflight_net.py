@@ -27,7 +27,19 @@ from dvmm_shared.synthetic import DriverRing
 
 from .helpers import DaemonThread
 from .inflight_rig import InflightVM
-from .test_net_device import MAC, MRG, QSIZE, RX, TX, FakeLink, frame, post_rx, post_tx, used
+from .test_net_device import (
+    MAC,
+    MRG,
+    QSIZE,
+    RX,
+    TX,
+    FakeLink,
+    frame,
+    post_rx,
+    post_tx,
+    used,
+    wait_for,
+)
 
 
 @dataclass
@@ -89,9 +101,12 @@ def complete_as_the_dead_backend_did(driver: DriverQueue, head: int) -> None:
 
 
 def disconnect(rig: NetRig) -> None:
+    """Close the frontend and wait until the daemon has let the rings go
+    (until then it may still serve what the driver posts)."""
     assert rig.vm.frontend is not None
     rig.vm.frontend.close()
     rig.vm.frontend = None
+    wait_for(lambda: rig.daemon.daemon.session is None, "the daemon to drop the session")
 
 
 def test_a_transmit_chain_left_in_flight_is_sent_again_once(tmp_path: Path) -> None:
