@@ -4,8 +4,15 @@ Issue 8, acceptance (a): the dvmm blk backend is SIGKILLed 20 times, at
 random moments while the guest's I/O flows, and a small supervisor loop in
 the test (:class:`dvmm_testing.restart_loop.RestartLoop`) starts it again on
 the same socket with the same image.  QEMU's ``-chardev socket,reconnect=1``
-reconnects to each new run and replays the set-up (with in-flight tracking,
-``GET_INFLIGHT_FD``/``SET_INFLIGHT_FD``, when the backend offers it).
+reconnects to each new run (it retries once a second) and replays the set-up.
+What QEMU 7.2 sends then (seen with strace on the backend): no
+``GET_INFLIGHT_FD`` (it asked once, at the first start, and keeps the
+region); ``SET_INFLIGHT_FD`` with that region right after ``SET_FEATURES``,
+before the memory table and the rings; and ``SET_VRING_BASE`` = the ring's
+*used* index, because its ``GET_VRING_BASE`` on the dead connection failed
+and it rewound ``last_avail_idx`` to ``used->idx``
+(``virtio_queue_restore_last_avail_idx``).  A request the dead run had
+popped but not completed is found in the region and served again.
 
 Meanwhile the guest runs ``blkverify`` (``vmm-core/dvmm_core/guest/blkverify.c``):
 pass after pass it writes 64 MiB of numbered, checksummed 4 KiB blocks with
