@@ -164,12 +164,14 @@ def test_set_inflight_fd_without_an_fd_is_refused(daemon: DaemonThread) -> None:
         fe.close()
 
 
-def test_set_inflight_fd_after_the_rings_started_is_refused(daemon: DaemonThread,
+def test_get_or_set_inflight_fd_after_the_rings_started_is_refused(daemon: DaemonThread,
                                                             ivm: InflightVM) -> None:
     ivm.connect(daemon.path, ECHO_FEATURES, num_queues=2, queue_size=16)
     assert ivm.frontend is not None and ivm.inflight is not None
     fd, info = ivm.inflight
     assert _ack(ivm.frontend.conn, info.encode(), [fd]) != 0
+    with pytest.raises(FrontendError, match="refused GET_INFLIGHT_FD"):
+        ivm.frontend.get_inflight_fd(2, 16)
     assert echo(ivm, 0, b"abc") == b"cba"
 
 

@@ -393,9 +393,17 @@ class Session:
 
     # -- in-flight region (INFLIGHT_SHMFD) ---------------------------------------
     def _inflight_negotiated(self, msg: Message) -> InflightInfo:
+        """The request's description, if it may change the region now: the
+        protocol feature is negotiated and no ring is started (a started
+        ring keeps tracking in the region it started with)."""
         if not self.protocol_features & 1 << ProtocolFeature.INFLIGHT_SHMFD:
             raise RequestFailed("INFLIGHT_SHMFD was not negotiated")
-        return InflightInfo.decode(msg.payload)
+        info = InflightInfo.decode(msg.payload)
+        started = [r.index for r in self.vrings if r.state is not RingState.STOPPED]
+        if started:
+            raise RequestFailed(f"{request_name(msg.header.request)} while rings {started} "
+                                "are started")
+        return info
 
     def _get_inflight_fd(self, msg: Message) -> FdReply:
         info = self._inflight_negotiated(msg)
@@ -412,9 +420,6 @@ class Session:
         if fd is None:
             raise MessageError("SET_INFLIGHT_FD without an fd")
         try:
-            started = [r.index for r in self.vrings if r.state is not RingState.STOPPED]
-            if started:
-                raise RequestFailed(f"SET_INFLIGHT_FD while rings {started} are started")
             region = InflightRegion.map(fd, info.mmap_size, info.mmap_offset, info.num_queues,
                                         info.queue_size, len(self.vrings))
         finally:
