@@ -56,6 +56,7 @@ from .message import (
     request_name,
 )
 from .vring import Faults, RequestFailed, RingState, Vring, serve_chains
+from .watches import FdWatches
 
 log = logging.getLogger("dvmm.vhost_user")
 
@@ -100,8 +101,7 @@ class Session:
         # per pair; it stays mapped until the last REM_MEM_REG.
         self._region_refs: dict[tuple[int, int, int], int] = {}
         self.vrings = [Vring(i) for i in range(backend.num_queues)]
-        # Extra fds the backend watches: fd -> {selector event: callback}.
-        self._extra: dict[int, dict[int, Callable[[], None]]] = {}
+        self.watches = FdWatches(selector)  # extra fds the backend watches
         self._handlers: dict[int, Callable[[Message], bytes | FdReply | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -496,56 +496,27 @@ class Session:
             ring.call.signal()
             self.stats.queue(ring.index).notifications += 1
 
-    # -- BackendHost: extra fds and on-demand service ---------------------------
-    _EVENTS = (selectors.EVENT_READ, selectors.EVENT_WRITE)
-
+    # -- BackendHost: extra fds (:mod:`.watches`) and on-demand service ------------
     def watch(self, fd: int, events: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``fd`` is ready for ``events`` (level triggered)."""
-        if events not in self._EVENTS:
-            raise ValueError(f"watch events must be EVENT_READ or EVENT_WRITE, not {events}")
-        cbs = self._extra.get(fd)
-        if cbs is None:
-            if fd in self.sel.get_map():
-                raise ValueError(f"fd {fd} is already watched by the daemon")
-            self._extra[fd] = {events: callback}
-            self.sel.register(fd, events, ("extra", fd))
-            return
-        cbs[events] = callback
-        self.sel.modify(fd, _mask(cbs), ("extra", fd))
+        self.watches.watch(fd, events, callback)
 
     def unwatch(self, fd: int, events: int = selectors.EVENT_READ | selectors.EVENT_WRITE
                 ) -> None:
-        cbs = self._extra.get(fd)
-        if cbs is None:
-            return
-        for ev in self._EVENTS:
-            if ev & events:
-                cbs.pop(ev, None)
-        if cbs:
-            self.sel.modify(fd, _mask(cbs), ("extra", fd))
-        else:
-            del self._extra[fd]
-            self.sel.unregister(fd)
+        self.watches.unwatch(fd, events)
+
+    def on_ready(self, fd: int, mask: int) -> None:
+        self.watches.on_ready(fd, mask)
 
     def service_queue(self, index: int) -> None:
         if 0 <= index < len(self.vrings):
             self.service(self.vrings[index])
-
-    def on_ready(self, fd: int, mask: int) -> None:
-        """An extra fd is ready: run the callbacks still registered for it."""
-        for ev in self._EVENTS:
-            if mask & ev:
-                callback = self._extra.get(fd, {}).get(ev)
-                if callback is not None:
-                    callback()
 
     # -- teardown -----------------------------------------------------------
     def reset(self) -> None:
         for ring in self.vrings:
             self._stop(ring)
             ring.close_fds()
-        for fd in list(self._extra):  # whatever the backend did not unwatch
-            self.unwatch(fd)
+        self.watches.clear()  # whatever the backend did not unwatch
         self.vrings = [Vring(i) for i in range(self.backend.num_queues)]
         self.mem = GuestMemory()
         self._region_refs.clear()
@@ -557,9 +528,3 @@ class Session:
 def _region_key(region: MemRegion) -> tuple[int, int, int]:
     return region.guest_addr, region.size, region.user_addr
 
-
-def _mask(callbacks: dict[int, Callable[[], None]]) -> int:
-    mask = 0
-    for ev in callbacks:
-        mask |= ev
-    return mask
