@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import blk as bench_blk
     from .bench import core as bench_core
     from .bench import net as bench_net
+    from .bench import recovery as bench_recovery
     from .bench import report as bench_report
     from .bench import startup
     from .boot import demo as demo_disk
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_blk.add_parser(benches)
     bench_core.add_parser(benches)
     bench_net.add_parser(benches)
+    bench_recovery.add_parser(benches)
     bench_report.add_parser(benches)
     return parser
 
