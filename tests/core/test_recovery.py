@@ -87,6 +87,7 @@ def backend_pid(runtime: str, name: str = "blk0") -> int:
 
 def test_blk_backend_killed_10_times_guest_reads_all_equal(tmp_path: Path) -> None:
     seed = int(os.environ.get("DVMM_TEST_SEED", time.time_ns() % 10_000))
+    print(f"DVMM_TEST_SEED={seed}")
     rng = random.Random(seed)
     disk = tmp_path / "reread.img"
     make_reread_disk(disk, reads=2500, count=8, seed=seed)
@@ -183,6 +184,7 @@ def test_qemu_storage_daemon_killed_and_started_again_by_someone_else(tmp_path: 
     """A third-party backend: dvmm does not restart it, but reconnects to it
     (and hands it the in-flight region) whenever it listens again."""
     seed = int(os.environ.get("DVMM_TEST_SEED", time.time_ns() % 10_000))
+    print(f"DVMM_TEST_SEED={seed}")
     rng = random.Random(seed)
     disk, sock, qlog = tmp_path / "reread.img", tmp_path / "qsd.sock", tmp_path / "qsd.log"
     make_reread_disk(disk, reads=2500, count=8, seed=seed)

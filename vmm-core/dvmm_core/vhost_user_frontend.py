@@ -74,6 +74,7 @@ RECONNECT_CAP = 2.0
 MONITOR_TICK = 5.0
 
 EventSink = Callable[[str, dict[str, Any]], None]
+KICK = (1).to_bytes(8, "little")
 #: The errors that mean "the backend is gone" (as opposed to "it refused").
 _GONE = (ConnectionClosed, MessageError, OSError)
 
@@ -274,6 +275,12 @@ class VhostUserLink:
             base = 0 if fresh else self._used_index(q)
             fe.start_ring(RingSetup(q.index, q.size, self._host(q.desc), self._host(q.driver),
                                     self._host(q.device), q.kick_fd, q.call_fd, base=base))
+            if not fresh:
+                # The dead backend may have consumed the guest's last kick and
+                # died before popping the chain; a backend that waits for kicks
+                # (libvhost-user) would never look.  One extra kick is harmless
+                # (QEMU starts host notifiers at 1 for the same reason).
+                os.write(q.kick_fd, KICK)
         return replayed
 
     def stop(self) -> None:
