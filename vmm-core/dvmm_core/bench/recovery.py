@@ -14,18 +14,23 @@ backend's in-flight region (vhost-user INFLIGHT_SHMFD, a memfd) for the
 life of the device and hands it to every restarted backend.  The backend
 stores ``used_idx`` in that region's queue header right after it publishes
 a used element to the guest (vhost-user.rst, "Inflight I/O tracking").  The
-benchmark maps the same memfd read-only through ``/proc/FRONTEND/fd`` and
-polls ``used_idx`` every :data:`POLL` seconds: the first change after the
-kill is the first request completed for the guest (a resubmitted one or a
-new one).  The kill is timed just before ``kill(2)``.  Resolution: the poll
-interval actually achieved (printed).  Caveat: a kill that lands in the
-microseconds between a used-ring store and the ``used_idx`` store shows up
-as the restarted backend's catch-up store, one request's service time
-before the guest's next completion.
+benchmark maps the same memfd read-only through ``/proc/FRONTEND/fd``,
+takes the kill time just before ``kill(2)``, reads ``used_idx`` once the
+process is gone (a pidfd; what the dying process still completed does not
+count) and polls it every :data:`POLL` seconds: the first change is the
+first request completed for the guest after the kill (a resubmitted one or
+a new one).  Resolution: the poll interval achieved (printed).  Caveat: a
+kill that lands in the microseconds between a used-ring store and the
+``used_idx`` store shows up as the successor's catch-up store, one request's
+service time before the guest's next completion.
 
-Kills come 1.0-1.5 s (seeded) after the previous recovery: at a random
-point of the guest's request cycle, and after the core supervisor's
-``stable_after`` (1 s), so its restart back-off stays at its first step.
+Kills come PAUSE..PAUSE+0.5 s (seeded; ``--pause``, default 2 s) after the
+previous recovery: at a random point of the guest's request cycle, after
+the core supervisor's ``stable_after`` (1 s: its restart back-off stays at
+the first step), and after the new warm standby it prepares 1 s after a
+restart has loaded.  Phases printed per kill: ``dead`` (the pidfd), the
+core's events (``exit seen``, ``respawned``, ``restored``: their own
+timestamps) and ``listening`` (the socket file replaced; polled).
 """
 
 from __future__ import annotations
@@ -56,9 +61,11 @@ from .report import LOWER, Compared, load_line, machine_line, table
 
 POLL = 0.0005           # seconds between reads of used_idx
 KILL_TIMEOUT = 60.0     # no completion this long after a kill: the run fails
-SETTLE = (1.0, 1.5)     # seconds from one recovery to the next kill (uniform, seeded)
+PAUSE = 2.0             # seconds from one recovery to the next kill: PAUSE..PAUSE+0.5
+LATE_EVENTS = 2.0       # seconds to wait for the core's recovery events after a completion
 GOAL_P50, GOAL_P99 = 0.100, 0.500
 MAX_KILLS = 10_000
+MAX_PAUSE = 600.0
 HEADER = struct.Struct("<QHHHH")   # u64 features; u16 version, desc_num, last_batch_head, used_idx
 INFLIGHT_NAME = "/memfd:dvmm-inflight"
 VMS = ("core", "qemu")
@@ -150,7 +157,6 @@ def one_kill(vm: RecoveryVm, watch: InflightWatch) -> Sample:
     old_sock = _identity(sock)
     pidfd = os.pidfd_open(pid)
     try:
-        base = watch.used()
         wall, t0 = time.time(), time.monotonic()
         os.kill(pid, signal.SIGKILL)
         if not select.select([pidfd], [], [], 10)[0]:
@@ -158,6 +164,10 @@ def one_kill(vm: RecoveryVm, watch: InflightWatch) -> Sample:
         phases = {"dead": time.monotonic() - t0}
     finally:
         os.close(pidfd)
+    # Only now: until SIGKILL has taken effect, the dying backend may still
+    # complete a request, and that one does not count.  Nothing completes
+    # from here until a successor has started and been reconnected.
+    base = watch.used()
     vm.backend_dead()
     polls = 0
     while watch.used() == base:
@@ -172,11 +182,21 @@ def one_kill(vm: RecoveryVm, watch: InflightWatch) -> Sample:
         polls += 1
         time.sleep(POLL)
     done = time.monotonic() - t0
-    vm.event_phases(wall, phases)  # events published before the completion, received late
+    _late_events(vm, wall, phases)
     return Sample(done, phases, polls)
 
 
-def run_vm(vm: RecoveryVm, kills: int, rng: random.Random,
+def _late_events(vm: RecoveryVm, wall: float, phases: dict[str, float]) -> None:
+    """The core publishes ``device-restored`` once its replay is done, and the
+    backend may complete the guest's request a moment before that: wait for
+    it (its timestamp is the core's, so waiting does not change it)."""
+    deadline = time.monotonic() + LATE_EVENTS
+    while not all(p in phases for p in vm.expected_phases) and time.monotonic() < deadline:
+        vm.event_phases(wall, phases)
+        time.sleep(0.01)
+
+
+def run_vm(vm: RecoveryVm, kills: int, pause: float, rng: random.Random,
            progress: Callable[[str], None]) -> Outcome:
     """Boot to the first requests, then ``kills`` kills, each after a settle time."""
     out = Outcome(vm.name, vm.label)
@@ -186,7 +206,7 @@ def run_vm(vm: RecoveryVm, kills: int, rng: random.Random,
         first = watch.used()
         wait_for("the guest's first requests", lambda: watch.used() != first, vm)
         for k in range(1, kills + 1):
-            _settle(vm, rng.uniform(*SETTLE))
+            _settle(vm, rng.uniform(pause, pause + 0.5))
             s = one_kill(vm, watch)
             out.samples.append(s)
             steps = ", ".join(f"{n} {v * 1e3:.1f}" for n, v in sorted(
@@ -215,6 +235,7 @@ class Settings:
     kills: int = 50
     vms: tuple[str, ...] = VMS
     seed: int = 1
+    pause: float = PAUSE
     standby: bool = True   # the core's warm standby backends (dvmm run --no-standby)
 
 
@@ -235,7 +256,7 @@ def run(settings: Settings, progress: Callable[[str], None]) -> tuple[list[Outco
                 CoreVm(work, settings.standby) if artifacts is None or name == "core"
                 else QemuVm(work, artifacts))
             progress(f"{vm.label}: up; {settings.kills} kills")
-            outcomes.append(run_vm(vm, settings.kills, rng, progress))
+            outcomes.append(run_vm(vm, settings.kills, settings.pause, rng, progress))
     return outcomes, time.monotonic() - started
 
 
@@ -298,8 +319,9 @@ def describe(settings: Settings, outcomes: list[Outcome], wall: float) -> str:
     polled = sum(s.seconds - s.phases["dead"] for o in outcomes for s in o.samples)
     return (f"machine: {machine_line()}\n{load_line()}\n"
             f"dvmm bench recovery: SIGKILL of the blk backend -> the first guest request "
-            f"completed after it; {settings.kills} kills per VM, each {SETTLE[0]:g}-"
-            f"{SETTLE[1]:g} s after the previous recovery (seed {settings.seed}); took "
+            f"completed after it; {settings.kills} kills per VM, each {settings.pause:g}-"
+            f"{settings.pause + 0.5:g} s after the previous recovery (seed {settings.seed}); "
+            f"core {'with' if settings.standby else 'without'} warm standby; took "
             f"{wall:.0f} s\n"
             f"completion seen as: used_idx in the frontend's in-flight region (vhost-user "
             f"INFLIGHT_SHMFD, mapped read-only), polled every {POLL * 1e3:g} ms "
@@ -319,6 +341,10 @@ def add_parser(sub: Any) -> None:
                    help="core and/or qemu (default both; the ratio needs both)")
     p.add_argument("--seed", type=int, default=Settings.seed,
                    help="seed of the pauses between kills (default %(default)s)")
+    p.add_argument("--pause", type=float, default=PAUSE, metavar="SECONDS",
+                   help="kill PAUSE..PAUSE+0.5 s (seeded) after the previous recovery "
+                   "(default %(default)s; the core prepares a new warm standby 1 s after a "
+                   "restart, so a shorter pause measures restarts of a half-loaded one)")
     p.add_argument("--no-standby", action="store_true",
                    help="run the core with dvmm run --no-standby: restarts start a new "
                    "interpreter instead of activating a warm standby backend")
@@ -329,6 +355,8 @@ def preflight(settings: Settings) -> str | None:
     """Why the benchmark cannot run, in one line, before any long work."""
     if not 1 <= settings.kills <= MAX_KILLS:
         return f"--kills must be 1..{MAX_KILLS}, not {settings.kills}"
+    if not 0 <= settings.pause <= MAX_PAUSE:
+        return f"--pause must be 0..{MAX_PAUSE:g} seconds, not {settings.pause:g}"
     if "core" in settings.vms:
         from ..kvm import kvm_available
         if (why := kvm_available()) is not None:
@@ -339,8 +367,8 @@ def preflight(settings: Settings) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = Settings(args.kills, tuple(v for v in VMS if v in (args.vms or VMS)), args.seed,
-                        not args.no_standby)
+    settings = Settings(kills=args.kills, vms=tuple(v for v in VMS if v in (args.vms or VMS)),
+                        seed=args.seed, pause=args.pause, standby=not args.no_standby)
     if (why := preflight(settings)) is not None:
         print(f"dvmm bench recovery: {why}", file=sys.stderr)
         return 1

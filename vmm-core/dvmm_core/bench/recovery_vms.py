@@ -61,6 +61,7 @@ CORE_PHASES = {"backend-exited": "exit seen", "backend-restarted": "respawned",
 class RecoveryVm(Protocol):
     name: str     # "core", "qemu": the row names
     label: str    # what it is, for people
+    expected_phases: tuple[str, ...]   # what event_phases reports for every kill
 
     def frontend_pid(self) -> int: ...
     def backend_pid(self) -> int: ...
@@ -104,6 +105,7 @@ class CoreVm(_Exits):
 
     name = "core"
     label = "dvmm core (KVM + SeaBIOS)"
+    expected_phases = tuple(CORE_PHASES.values())
 
     def __init__(self, work: Path, standby: bool = True) -> None:
         self.work, self.standby = work, standby
@@ -183,6 +185,7 @@ class QemuVm(_Exits):
 
     name = "qemu"
     label = "QEMU (TCG) + dvmm blk backend"
+    expected_phases: tuple[str, ...] = ()
 
     def __init__(self, work: Path, artifacts: GuestArtifacts) -> None:
         self.work, self.artifacts = work, artifacts
