@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dvmm_shared.chain import ChainReader, ChainWriter
 from dvmm_shared.driver import Buf, DriverQueue, ring_layout
@@ -265,3 +266,29 @@ def make_image(path: Path, size: int, pattern: bool = True) -> Path:
             data[sector * 512 + 8:sector * 512 + 512] = bytes([sector & 0xFF]) * 504
     path.write_bytes(bytes(data))
     return path
+
+
+class EventRecorder:
+    """An event sink (``(event, fields)``, as the core's supervisor and links
+    call it) that a test can wait on."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        with self.cond:
+            self.items.append((event, fields))
+            self.cond.notify_all()
+
+    def names(self) -> list[str]:
+        with self.cond:
+            return [e for e, _ in self.items]
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> dict[str, Any]:
+        """The fields of the ``count``-th ``event``, once it happened."""
+        with self.cond:
+            ok = self.cond.wait_for(
+                lambda: [e for e, _ in self.items].count(event) >= count, timeout)
+            assert ok, f"waited for {count} x {event}; got {[e for e, _ in self.items]}"
+            return [f for e, f in self.items if e == event][count - 1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,39 +23,18 @@ from dvmm_core.supervisor import (
     SupervisorError,
 )
 
+from .helpers import EventRecorder
 from .test_core_supervisor import listener, wait_until
 
 
-class Events:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any]]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: str, fields: dict[str, Any]) -> None:
-        with self.cond:
-            self.items.append((event, fields))
-            self.cond.notify_all()
-
-    def names(self) -> list[str]:
-        with self.cond:
-            return [e for e, _ in self.items]
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: self.names_locked().count(event) >= count, timeout)
-        assert ok, f"waited for {count} x {event}; got {self.names()}"
-
-    def names_locked(self) -> list[str]:
-        return [e for e, _ in self.items]
+@pytest.fixture
+def events() -> EventRecorder:
+    return EventRecorder()
 
 
 @pytest.fixture
-def events() -> Events:
-    return Events()
-
-
-@pytest.fixture
-def sup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: Events) -> Iterator[Supervisor]:
+def sup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        events: EventRecorder) -> Iterator[Supervisor]:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     s = Supervisor(on_event=events)
     yield s
@@ -74,7 +52,7 @@ def test_runtime_dir_carries_the_core_pid(sup: Supervisor) -> None:
 
 
 def test_a_killed_backend_is_restarted_on_the_same_socket(sup: Supervisor,
-                                                         events: Events) -> None:
+                                                         events: EventRecorder) -> None:
     b = spawn_listener(sup, RestartSpec())
     first = b.pid
     os.kill(first, signal.SIGKILL)
@@ -91,7 +69,7 @@ def test_a_killed_backend_is_restarted_on_the_same_socket(sup: Supervisor,
     (RestartPolicy.ON_FAILURE, 0, False), (RestartPolicy.ON_FAILURE, 3, True),
     (RestartPolicy.ALWAYS, 0, True), (RestartPolicy.NEVER, 3, False),
 ])
-def test_policy_decides_on_the_exit_status(sup: Supervisor, events: Events,
+def test_policy_decides_on_the_exit_status(sup: Supervisor, events: EventRecorder,
                                            policy: RestartPolicy, code: int,
                                            restarted: bool) -> None:
     argv = [sys.executable, "-c", f"import sys, time; time.sleep(0.2); sys.exit({code})"]
@@ -107,7 +85,7 @@ def test_policy_decides_on_the_exit_status(sup: Supervisor, events: Events,
 
 
 def test_a_backend_crashing_at_start_is_given_up_after_the_cap(sup: Supervisor,
-                                                                events: Events) -> None:
+                                                                events: EventRecorder) -> None:
     argv = [sys.executable, "-c", "import sys; sys.exit(2)"]
     b = sup.spawn("crashy", argv, sup.socket_path("crashy"),
                   restart=RestartSpec(limit=4, window=60, backoff_start=0.005))
@@ -126,7 +104,7 @@ def test_backoff_doubles_for_quick_failures_and_is_capped() -> None:
 
 
 def test_a_stable_backend_restarts_after_the_shortest_backoff(sup: Supervisor,
-                                                              events: Events) -> None:
+                                                              events: EventRecorder) -> None:
     b = spawn_listener(sup, RestartSpec(stable_after=0.0, backoff_start=0.01))
     for n in range(1, 4):
         pid = b.pid
@@ -136,14 +114,14 @@ def test_a_stable_backend_restarts_after_the_shortest_backoff(sup: Supervisor,
         sup.wait_for_socket(b, timeout=15)
 
 
-def test_nothing_is_restarted_while_stopping(sup: Supervisor, events: Events) -> None:
+def test_nothing_is_restarted_while_stopping(sup: Supervisor, events: EventRecorder) -> None:
     b = spawn_listener(sup, RestartSpec(policy=RestartPolicy.ALWAYS))
     sup.stop_all()
     assert wait_until(lambda: b.state is BackendState.STOPPED)
     assert "backend-restarted" not in events.names()
 
 
-def test_fault_actions_through_the_supervisor(sup: Supervisor, events: Events) -> None:
+def test_fault_actions_through_the_supervisor(sup: Supervisor, events: EventRecorder) -> None:
     b = spawn_listener(sup, RestartSpec(policy=RestartPolicy.NEVER))
     sup.signal_backend("blk0", "stop")
     assert wait_until(lambda: _status(b.pid) == "stopped")
@@ -189,7 +167,7 @@ time.sleep(60)
 
 
 def test_a_warm_standby_takes_over_and_a_new_one_is_prepared(
-        sup: Supervisor, events: Events, monkeypatch: pytest.MonkeyPatch) -> None:
+        sup: Supervisor, events: EventRecorder, monkeypatch: pytest.MonkeyPatch) -> None:
     from dvmm_core import supervisor as supervisor_mod
 
     monkeypatch.setattr(supervisor_mod, "STANDBY_DELAY", 0.05)

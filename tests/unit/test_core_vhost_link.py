@@ -34,7 +34,7 @@ from dvmm_shared.memory import GuestMemory, memfd_region
 from dvmm_shared.vhost_user.message import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from dvmm_shared.virtio import VIRTIO_F_VERSION_1, VirtioBlkReqType, bit
 
-from .helpers import BlkProcess, blk_backend, make_image
+from .helpers import BlkProcess, EventRecorder, blk_backend, make_image
 
 SECTORS = 64
 LOW, HIGH, REGION_SIZE = 0x0, 0x1_0000_0000, 1 << 20
@@ -183,27 +183,8 @@ def test_a_ring_outside_guest_ram_is_link_down(link: VhostUserLink) -> None:
         link.start(bit(VIRTIO_F_VERSION_1), [bad])
 
 
-class Recorder:
-    """The link's event sink, waitable."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, object]]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: str, fields: dict[str, object]) -> None:
-        with self.cond:
-            self.items.append((event, fields))
-            self.cond.notify_all()
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = 15.0) -> dict[str, object]:
-        with self.cond:
-            assert self.cond.wait_for(
-                lambda: [e for e, _ in self.items].count(event) >= count, timeout), self.items
-            return [f for e, f in self.items if e == event][count - 1]
-
-
-def recovering_link(backend: BlkProcess, ram: Ram) -> tuple[VhostUserLink, Recorder]:
-    rec = Recorder()
+def recovering_link(backend: BlkProcess, ram: Ram) -> tuple[VhostUserLink, EventRecorder]:
+    rec = EventRecorder()
     lk = VhostUserLink("blk0", str(backend.socket), ram.regions, config_size=BLK_CONFIG_SIZE,
                        mem=ram.mem, on_event=rec)
     lk.connect(timeout=5.0)
