@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
 SOURCE_NAME = "demo_boot.S"
+#: Files the boot programs ``.include`` (part of the cache key).
+INCLUDES = ("com1.inc",)
 #: Where the parameter block sits in the boot sector (the first partition
 #: entry's slot: its first byte, ``D``, is not a valid boot indicator, so the
 #: disk reads as unpartitioned to Linux and libblkid).
@@ -139,6 +141,8 @@ def _build(source: bytes, name: str = SOURCE_NAME, magic: bytes = PARAMS_MAGIC) 
     assert tools["as"] is not None and tools["ld"] is not None
     with tempfile.TemporaryDirectory(prefix="dvmm-boot-") as tmp:
         Path(tmp, name).write_bytes(source)
+        for inc in INCLUDES:
+            Path(tmp, inc).write_bytes(_source(inc))
         _run_tool([tools["as"], "--32", "-o", "boot.o", name], tmp, name)
         _run_tool([tools["ld"], "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "_start",
                    "--oformat", "binary", "-o", "boot.bin", "boot.o"], tmp, name)
@@ -158,7 +162,8 @@ def assemble_boot_sector(cache_dir: Path | None = None, name: str = SOURCE_NAME,
     line) when binutils is missing or the source does not assemble.
     """
     source = _source(name)
-    key = hashlib.sha256(_RECIPE + b"\0" + source).hexdigest()[:16]
+    included = b"".join(b"\0" + _source(inc) for inc in INCLUDES)
+    key = hashlib.sha256(_RECIPE + b"\0" + source + included).hexdigest()[:16]
     directory = cache_dir if cache_dir is not None else _default_cache_dir()
     stem = Path(name).stem
     cached = directory / f"{stem}-{key}.bin"

@@ -202,66 +202,7 @@ reset_cf9:
         outb    %al, %dx
         jmp     halt
 
-# NUL-terminated string at DS:SI.  SI ends past the NUL, so strings stored
-# one after the other print with consecutive calls.
-puts:
-        lodsb
-        testb   %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
-
-# EAX: value, CX: digits (the most significant nibbles of EAX print first).
-puthex:
-        roll    $4, %eax
-        pushl   %eax
-        andb    $0x0f, %al
-        cmpb    $10, %al                # nibble -> '0'..'9', 'A'..'F'
-        sbbb    $0x69, %al
-        das
-        call    putc
-        popl    %eax
-        loop    puthex
-        ret
-
-# EAX: unsigned value printed in decimal.  Clobbers EBX, ECX, EDX.
-putdec:
-        xorl    %ebx, %ebx
-        movb    $10, %bl
-        xorw    %cx, %cx
-1:      xorl    %edx, %edx
-        divl    %ebx
-        pushw   %dx
-        incw    %cx
-        testl   %eax, %eax
-        jnz     1b
-2:      popw    %ax
-        addb    $'0', %al
-        call    putc
-        loop    2b
-        ret
-
-# AL -> COM1 (PFX -> "dvmm-demo: "), waiting (bounded) for LSR.THRE.
-# Preserves all registers but flags.
-putc:
-        pushaw
-        cmpb    $PFX, %al
-        jne     2f
-        movw    $s_prefix, %si
-        call    puts
-        jmp     3f
-2:      xchgw   %ax, %bx
-        movw    $COM1+5, %dx
-        xorw    %cx, %cx
-1:      inb     %dx, %al
-        testb   $0x20, %al
-        loopz   1b
-        xchgw   %ax, %bx
-        movb    $COM1 & 0xff, %dl
-        outb    %al, %dx
-3:      popaw
-        ret
+        .include "com1.inc"             # puts, puthex, putdec, putc
 
 s_prefix:    .asciz "dvmm-demo: "
 s_read:      .asciz "\1read "

@@ -161,62 +161,7 @@ finished:
         movw    $s_equal, %si
         jmp     fail
 
-puts:
-        lodsb
-        testb   %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
-
-puthex:
-        roll    $4, %eax
-        pushl   %eax
-        andb    $0x0f, %al
-        cmpb    $10, %al
-        sbbb    $0x69, %al
-        das
-        call    putc
-        popl    %eax
-        loop    puthex
-        ret
-
-putdec:
-        pushw   %si
-        xorl    %ebx, %ebx
-        movb    $10, %bl
-        xorw    %cx, %cx
-1:      xorl    %edx, %edx
-        divl    %ebx
-        pushw   %dx
-        incw    %cx
-        testl   %eax, %eax
-        jnz     1b
-2:      popw    %ax
-        addb    $'0', %al
-        call    putc
-        loop    2b
-        popw    %si
-        ret
-
-putc:
-        pushaw
-        cmpb    $PFX, %al
-        jne     2f
-        movw    $s_prefix, %si
-        call    puts
-        jmp     3f
-2:      xchgw   %ax, %bx
-        movw    $COM1+5, %dx
-        xorw    %cx, %cx
-1:      inb     %dx, %al
-        testb   $0x20, %al
-        loopz   1b
-        xchgw   %ax, %bx
-        movb    $COM1 & 0xff, %dl
-        outb    %al, %dx
-3:      popaw
-        ret
+        .include "com1.inc"             # puts, puthex, putdec, putc
 
 done:        .long 0
 drive:       .byte 0
