@@ -406,7 +406,11 @@ class VhostUserLink:
             except (*_GONE, FrontendError, GuestMemoryError) as exc:
                 self._drop()
                 conn.close()
-                log.warning("%s: reconnect attempt %d failed: %s", self.name, attempts, exc)
+                # The first attempts often meet the dying backend's listener
+                # (accepted, then reset): only a backend that stays away is news.
+                fast = time.monotonic() - self._lost_at < RECONNECT_FAST
+                log.log(logging.DEBUG if fast else logging.WARNING,
+                        "%s: reconnect attempt %d failed: %s", self.name, attempts, exc)
                 return False
             self.state = LinkState.CONNECTED
             self.restores += 1
