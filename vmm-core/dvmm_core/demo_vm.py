@@ -37,7 +37,7 @@ log = logging.getLogger("dvmm.demo")
 DONE = b"dvmm-demo: done"
 BOOTED = b"dvmm-demo: booted"
 #: Between two kills: long enough for the warm standby to be ready again.
-KILL_INTERVAL = 1.2
+KILL_INTERVAL = 1.0
 
 
 def add_parser(sub: Any) -> None:

@@ -53,8 +53,9 @@ log = logging.getLogger("dvmm.supervisor")
 
 STOP_GRACE = 5.0
 #: A new standby is prepared this long after its twin started: the import
-#: work must not compete with the restarted backend for the CPU.
-STANDBY_DELAY = 1.0
+#: work (~200 ms of CPU) should not compete with the first moments of the
+#: restarted backend, which replays the device and the requests in flight.
+STANDBY_DELAY = 0.25
 
 EventSink = Callable[[str, dict[str, Any]], None]
 

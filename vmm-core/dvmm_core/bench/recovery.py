@@ -24,11 +24,11 @@ kill that lands in the microseconds between a used-ring store and the
 ``used_idx`` store shows up as the successor's catch-up store, one request's
 service time before the guest's next completion.
 
-Kills come PAUSE..PAUSE+0.5 s (seeded; ``--pause``, default 2 s) after the
+Kills come PAUSE..PAUSE+0.5 s (seeded; ``--pause``, default 1 s) after the
 previous recovery: at a random point of the guest's request cycle, after
 the core supervisor's ``stable_after`` (1 s: its restart back-off stays at
-the first step), and after the new warm standby it prepares 1 s after a
-restart has loaded.  Phases printed per kill: ``dead`` (the pidfd), the
+the first step), and after the new warm standby it prepares shortly after
+a restart (``STANDBY_DELAY``) has loaded.  Phases printed per kill: ``dead`` (the pidfd), the
 core's events (``exit seen``, ``respawned``, ``restored``: their own
 timestamps) and ``listening`` (the socket file replaced; polled).
 """
@@ -61,7 +61,7 @@ from .report import LOWER, Compared, load_line, machine_line, table
 
 POLL = 0.0005           # seconds between reads of used_idx
 KILL_TIMEOUT = 60.0     # no completion this long after a kill: the run fails
-PAUSE = 2.0             # seconds from one recovery to the next kill: PAUSE..PAUSE+0.5
+PAUSE = 1.0             # seconds from one recovery to the next kill: PAUSE..PAUSE+0.5
 LATE_EVENTS = 2.0       # seconds to wait for the core's recovery events after a completion
 GOAL_P50, GOAL_P99 = 0.100, 0.500
 MAX_KILLS = 10_000
@@ -343,8 +343,9 @@ def add_parser(sub: Any) -> None:
                    help="seed of the pauses between kills (default %(default)s)")
     p.add_argument("--pause", type=float, default=PAUSE, metavar="SECONDS",
                    help="kill PAUSE..PAUSE+0.5 s (seeded) after the previous recovery "
-                   "(default %(default)s; the core prepares a new warm standby 1 s after a "
-                   "restart, so a shorter pause measures restarts of a half-loaded one)")
+                   "(default %(default)s; below 1 s the supervisor counts a backend as "
+                   "crashing at start and backs off, and its next warm standby may still "
+                   "be loading)")
     p.add_argument("--no-standby", action="store_true",
                    help="run the core with dvmm run --no-standby: restarts start a new "
                    "interpreter instead of activating a warm standby backend")
