@@ -85,6 +85,9 @@ def unpack(data: bytes) -> Any:
         raise ControlError(f"not a msgpack value: {type(exc).__name__}") from None
 
 
+#: How long closing a publisher waits for queued events to leave (ms).
+PUBLISH_LINGER_MS = 500
+
 def _one_line(text: str) -> str:
     return " ".join(text.split()) or "error"
 
@@ -105,14 +108,14 @@ def _bind(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str,
 
 
 def _close_bound(ctx: zmq.Context[zmq.Socket[bytes]], socks: list[zmq.Socket[bytes]],
-                 endpoint: str) -> None:
+                 endpoint: str, linger: int = 0) -> None:
     """Close sockets on a private context and remove the ipc socket file.
 
     ``ctx.term()`` returns only once the I/O thread has torn down the
     listener (which unlinks the file), so the file is gone when this returns;
     the explicit unlink covers a libzmq that leaves it behind."""
     for sock in socks:
-        sock.close(linger=0)
+        sock.close(linger=linger)
     ctx.term()
     path = ipc_path(endpoint)
     if path is not None:
@@ -184,7 +187,8 @@ class EventPublisher:
             if self._sock is None:
                 return
             sock, self._sock = self._sock, None
-        _close_bound(self._ctx, [sock], self.endpoint)
+        # The last events (``vm-stopped``) still reach connected subscribers.
+        _close_bound(self._ctx, [sock], self.endpoint, linger=PUBLISH_LINGER_MS)
 
 
 class EventSubscriber:

@@ -168,7 +168,13 @@ def test_a_backend_that_crashes_at_start_is_given_up(tmp_path: Path) -> None:
         assert shown.returncode == 0 and "given-up" in shown.stdout, shown
         assert "restarted 3 times" in shown.stdout
         assert vm.proc is not None and psutil.Process(vm.proc.pid).is_running()
-        assert vm.stop() == 0
+        with event_log(tmp_path, runtime) as log:
+            # (subscribed once it printed the history it asks for after connecting)
+            wait_until(lambda: count(events(log), "backend-given-up") == 1, 10,
+                       "a new subscriber's history")
+            assert vm.stop() == 0
+            wait_until(lambda: count(events(log), "vm-stopped") == 1, 10,
+                       "the vm-stopped event")
 
 
 def start_qsd(image: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
