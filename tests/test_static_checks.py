@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["vmm-core/dvmm_core", "shared/dvmm_shared", "backends/blk/dvmm_blk",
+PACKAGES = ["vmm-core/dvmm_core", "vmm-core/dvmm_bench", "shared/dvmm_shared",
+            "backends/blk/dvmm_blk",
             "backends/net/dvmm_net", "backends/display/dvmm_display"]
 
 

@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from dvmm_core.bench.blk import METRICS, TARGETS, WORKLOADS
-from dvmm_core.bench.report import parse_table
+from dvmm_bench.blk import METRICS, TARGETS, WORKLOADS
+from dvmm_bench.report import parse_table
 
 pytestmark = [
     pytest.mark.core,

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from dvmm_core.bench.core import guest_image
-from dvmm_core.bench.report import parse_table
+from dvmm_bench.core import guest_image
+from dvmm_bench.report import parse_table
 from dvmm_core.kvm import kvm_available
 
 pytestmark = [

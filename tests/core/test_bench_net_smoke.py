@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from dvmm_core.bench.net import FALLBACK, METRICS, PEER, WORKLOADS
-from dvmm_core.bench.report import HIGHER, parse_table
+from dvmm_bench.net import FALLBACK, METRICS, PEER, WORKLOADS
+from dvmm_bench.report import HIGHER, parse_table
 
 pytestmark = [
     pytest.mark.core,

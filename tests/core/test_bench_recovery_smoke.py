@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 import pytest
-from dvmm_core.bench.recovery import percentile
-from dvmm_core.bench.report import parse_table
+from dvmm_bench.recovery import percentile
+from dvmm_bench.report import parse_table
 from dvmm_core.kvm import kvm_available
 
 pytestmark = [

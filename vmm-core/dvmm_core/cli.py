@@ -2,7 +2,7 @@
 
 Owns only the dispatch.  Each program keeps its own options and behaviour in
 its package (``dvmm backend blk`` is :mod:`dvmm_blk.main`, ``dvmm guest`` is
-:mod:`dvmm_core.guest.build`).
+:mod:`dvmm_core.guest.build`, ``dvmm bench`` is :mod:`dvmm_bench.cli`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from dvmm_shared.cli import UsageError, run_main
+from dvmm_shared.cli import run_main
 
 DESCRIPTION = """\
 dvmm: a multiprocess, disaggregated KVM virtual machine monitor.  Every
@@ -21,16 +21,11 @@ memory and serves its virtqueues itself.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dvmm_bench import cli as bench_cli
     from dvmm_blk import main as blk_main
     from dvmm_net import main as net_main
 
     from . import control_cli, demo_vm, run
-    from .bench import blk as bench_blk
-    from .bench import core as bench_core
-    from .bench import net as bench_net
-    from .bench import recovery as bench_recovery
-    from .bench import report as bench_report
-    from .bench import startup
     from .boot import demo as demo_disk
     from .guest import build as guest_build
 
@@ -56,36 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo_vm.add_parser(sub)
     demo_disk.add_parser(sub)
     control_cli.add_parsers(sub)
-
-    bench = sub.add_parser("bench", help="benchmarks against peers (ratios, not tests)",
-                           description="Benchmarks that run dvmm and a peer in the same "
-                           "invocation and print the ratio.")
-    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    startup.add_parser(benches)
-    bench_blk.add_parser(benches)
-    bench_core.add_parser(benches)
-    bench_net.add_parser(benches)
-    bench_recovery.add_parser(benches)
-    bench_report.add_parser(benches)
+    bench_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main("dvmm", lambda: int(_bench_errors(args.func)(args)
-                                        if args.command == "bench" else args.func(args)))
-
-
-def _bench_errors(func: Callable[[argparse.Namespace], int]
-                  ) -> Callable[[argparse.Namespace], int]:
-    """A benchmark that cannot run (a peer missing, a backend not starting)
-    reports that, with the peer's log, instead of a traceback."""
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (RuntimeError, OSError) as exc:
-            raise UsageError(f"bench {args.bench}: {exc}") from None
-    return wrapped
+    func: Callable[[argparse.Namespace], int] = args.func
+    wrap = getattr(args, "wrap", None)
+    if wrap is not None:
+        func = wrap(func)
+    return run_main("dvmm", lambda: int(func(args)))
 
 
 if __name__ == "__main__":

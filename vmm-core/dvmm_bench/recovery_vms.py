@@ -35,12 +35,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from dvmm_core.boot.reread import make_reread_disk, parse_reread_output
+from dvmm_core.control_cli import vm_dirs
+from dvmm_core.guest import GuestArtifacts
 from dvmm_shared.control import ControlError, EventSubscriber, command
 from dvmm_shared.procs import log_tail, spawn, stop
-
-from ..boot.reread import make_reread_disk, parse_reread_output
-from ..control_cli import vm_dirs
-from ..guest import GuestArtifacts
 
 START_TIMEOUT = 120.0    # a VM booting to its first request (TCG boots Linux in ~4-10 s)
 READY = b"@@DVMM-READY@@\n"   # the test guest's /init: its serial command channel is up

@@ -243,7 +243,7 @@ def run(settings: Settings, progress: Callable[[str], None]) -> tuple[list[Outco
     """Every VM in turn, each in its own temporary directory."""
     artifacts = None
     if "qemu" in settings.vms:  # before any long work: a guest that cannot be built
-        from ..guest import build_guest
+        from dvmm_core.guest import build_guest
         artifacts = build_guest(log=progress)
     rng = random.Random(settings.seed)
     outcomes = []
@@ -359,7 +359,7 @@ def preflight(settings: Settings) -> str | None:
     if not 0 <= settings.pause <= MAX_PAUSE:
         return f"--pause must be 0..{MAX_PAUSE:g} seconds, not {settings.pause:g}"
     if "core" in settings.vms:
-        from ..kvm import kvm_available
+        from dvmm_core.kvm import kvm_available
         if (why := kvm_available()) is not None:
             return f"the dvmm core needs KVM: {why}"
     if "qemu" in settings.vms and shutil.which("qemu-system-x86_64") is None:

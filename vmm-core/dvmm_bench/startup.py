@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-from ..boot.demo import make_demo_disk
+from dvmm_core.boot.demo import make_demo_disk
 
 SEABIOS = "/usr/share/seabios/bios.bin"
 DONE = b"dvmm-demo: done"

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from dvmm_core.kvm import Kvm, VcpuRunner
+from dvmm_core.machine.bus import Bus
 from dvmm_shared.procs import log_tail
 
-from ..kvm import Kvm, VcpuRunner
-from ..machine.bus import Bus
 from .report import HIGHER, LOWER, Compared, load_line, machine_line, median, table
 
 PEER = "qemu"
