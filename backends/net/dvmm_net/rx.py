@@ -9,7 +9,17 @@ slices.  The chains the frame filled are pushed with ``num_buffers`` set in
 the header; the rest stay in the stash for the next frame, and whatever is
 left at the end of the round is given back to the ring (``undo_pop``), so
 no chain is held between rounds and a memory-table change can never leave
-a stale slice behind.
+a stale slice behind.  Chains are popped in growing bursts
+(:meth:`SplitQueue.pop_batch`: 1, 2, 4 … per refill, never more than the
+frames the round may still deliver, so few spares are given back) and
+the used entries of a round are published together
+(:meth:`SplitQueue.push_batch`) at its end.
+
+The common case takes a short path: a TAP frame that one chain can hold
+whole (with MRG_RXBUF: a chain as large as the largest frame, as Linux
+posts them; without it: every chain) is read into that chain's buffers
+and the spare byte with an iovec list built once per chain, and the
+header's few device-owned fields are patched in place in guest memory.
 
 When the posted buffers cannot hold a large frame, reception pauses: the
 link fd is no longer watched until the driver kicks the ring with new
@@ -33,10 +43,9 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 from dvmm_shared.chain import ChainWriter, write_views
-from dvmm_shared.virtqueue import ChainError, SplitQueue
+from dvmm_shared.virtqueue import ChainError, DescriptorChain, SplitQueue
 
 from .header import HDR_LEN, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET, num_buffers_bytes, rx_header
 from .link import LinkChanged
@@ -62,13 +71,17 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # the link reported an error
 
 
-@dataclass
 class Posted:
-    """A popped receive chain: its head and device-writable buffers."""
+    """A popped receive chain: its head, device-writable buffers and their
+    size, and the iovec list for one read (the buffers and the spare byte)."""
 
-    head: int
-    bufs: list[memoryview]
-    size: int
+    __slots__ = ("bufs", "head", "iov", "size")
+
+    def __init__(self, head: int, bufs: list[memoryview], size: int) -> None:
+        self.head = head
+        self.bufs = bufs
+        self.size = size
+        self.iov = [*bufs, _SPARE]
 
 
 class RxRound:
@@ -83,14 +96,19 @@ class RxRound:
         self.descriptors = 0
         self.blocked = False  # a bad chain waits behind the stash
         self.pushed = False
+        self.used: list[tuple[int, int]] = []  # published at the end of the round
+        self.frames = self.nbytes = 0
+        self._grab = 1  # chains per refill, doubled each time
+        self._left = RX_BURST  # frames this round may still deliver
 
     def run(self) -> bool:
         """Deliver up to RX_BURST frames; whether anything was pushed."""
         relinked = False
         try:
-            for _ in range(RX_BURST):
+            for left in range(RX_BURST, 0, -1):
+                self._left = left
                 outcome = self.receive_one()
-                if outcome in (Outcome.FRAME, Outcome.DROPPED):
+                if outcome is Outcome.FRAME or outcome is Outcome.DROPPED:
                     continue
                 if outcome is Outcome.CHANGED and not relinked:
                     relinked = True
@@ -103,19 +121,68 @@ class RxRound:
                     self.pair.pause_rx()
                 break
         finally:
-            self.give_back()
+            self.finish()
         return self.pushed
 
     # -- one frame ----------------------------------------------------------------
     def receive_one(self) -> Outcome:
         cfg = self.cfg
-        need = cfg.rx_need if cfg.mrg_rxbuf else 1
-        self._fill(need)
+        mrg = cfg.mrg_rxbuf
+        need = cfg.rx_need if mrg else 1
+        if self.capacity < need:
+            self._fill(need)
         if not self.chains:
             return Outcome.STARVED
-        if (cfg.mrg_rxbuf and self.capacity < need and not self.blocked
+        first = self.chains[0]
+        if (self.pair.link.vnet_hdr and (first.size >= need or not mrg)
+                and len(first.bufs[0]) >= cfg.hdr_len and len(first.iov) <= IOV_MAX):
+            return self._receive_whole(first)
+        if (mrg and self.capacity < need and not self.blocked
                 and self.descriptors < self.queue.size):
             return Outcome.STARVED  # the driver can still post more: wait for them
+        return self._receive_spread()
+
+    def _receive_whole(self, first: Posted) -> Outcome:
+        """A TAP frame into the first chain alone, its header patched in place."""
+        try:
+            n = self.pair.link.recv(self.pair.index, first.iov)
+        except (BlockingIOError, LinkChanged, OSError) as exc:
+            return self._recv_failed(exc)
+        cfg = self.cfg
+        if n > first.size or n < cfg.hdr_len:
+            self._cut_short(first.size)
+            return Outcome.DROPPED
+        self.chains.popleft()
+        self.capacity -= first.size
+        self.descriptors -= len(first.bufs)
+        hdr = first.bufs[0]  # holds the whole header (checked by the caller)
+        if hdr[1]:
+            self.pair.stats.rx_gso += 1
+        if not cfg.guest_csum:
+            hdr[0] = 0  # 5.1.6.4.1: no DATA_VALID without GUEST_CSUM
+        if cfg.hdr_len == HDR_LEN:  # num_buffers = 1 (the TAP leaves it alone)
+            hdr[NUM_BUFFERS_OFFSET] = 1
+            hdr[NUM_BUFFERS_OFFSET + 1] = 0
+        self.used.append((first.head, n))
+        self.pushed = True
+        self.frames += 1
+        self.nbytes += n - cfg.hdr_len
+        return Outcome.FRAME
+
+    def _recv_failed(self, exc: Exception) -> Outcome:
+        if isinstance(exc, BlockingIOError):
+            return Outcome.EMPTY
+        if isinstance(exc, LinkChanged):
+            return Outcome.CHANGED
+        self.pair.all_stats.rx_link_errors += 1
+        log.warning("pair %d: receive failed, waiting for the next kick: %s",
+                    self.pair.index, exc)
+        return Outcome.FAILED
+
+    def _receive_spread(self) -> Outcome:
+        """The general case: a frame across chains (MRG_RXBUF) or buffers too
+        small for the header, or a bare link (the header is ours to write)."""
+        cfg = self.cfg
         iov, cap = self._iov()
         link = self.pair.link
         if link.vnet_hdr:
@@ -125,15 +192,8 @@ class RxRound:
             hdr, bufs = writer.take(cfg.hdr_len), writer.take_rest()
         try:
             n = link.recv(self.pair.index, [*bufs, _SPARE])
-        except BlockingIOError:
-            return Outcome.EMPTY
-        except LinkChanged:
-            return Outcome.CHANGED
-        except OSError as exc:
-            self.pair.all_stats.rx_link_errors += 1
-            log.warning("pair %d: receive failed, waiting for the next kick: %s",
-                        self.pair.index, exc)
-            return Outcome.FAILED
+        except (BlockingIOError, LinkChanged, OSError) as exc:
+            return self._recv_failed(exc)
         total = n if link.vnet_hdr else n + cfg.hdr_len
         if total > cap or total < cfg.hdr_len:
             self._cut_short(cap)
@@ -175,12 +235,10 @@ class RxRound:
             self.capacity -= posted.size
             self.descriptors -= len(posted.bufs)
         self._write_header(hdr, len(used))
-        for head, length in used:  # the header is complete before the driver sees it
-            self.queue.push(head, length)
+        self.used += used  # the header is complete before the driver sees it
         self.pushed = True
-        st = self.pair.stats
-        st.rx_frames += 1
-        st.rx_bytes += total - self.cfg.hdr_len
+        self.frames += 1
+        self.nbytes += total - self.cfg.hdr_len
 
     def _write_header(self, hdr: list[memoryview], num_buffers: int) -> None:
         size = self.cfg.hdr_len
@@ -198,43 +256,62 @@ class RxRound:
 
     # -- the stash ----------------------------------------------------------------
     def _fill(self, need: int) -> None:
-        hdr_len = self.cfg.hdr_len
         if not self.chains:
             self.blocked = False  # the bad chain is next in line now
         while self.capacity < need and not self.blocked:
-            try:
-                chain = self.queue.pop()
-            except ChainError as exc:
-                self._bad(exc.head, str(exc))
-                continue
-            if chain is None:
+            batch = self.queue.pop_batch(self._grab)
+            if not batch:
                 return
-            size = chain.writable_len
-            if chain.readable or size < hdr_len:
-                self._bad(chain.head, f"receive chain {chain.head}: {len(chain.readable)} "
-                          f"device-readable buffers, {size} writable bytes")
-                continue
-            self.chains.append(Posted(chain.head, chain.writable, size))
-            self.capacity += size
-            self.descriptors += len(chain.writable)
+            # No more than the frames the round may still take: a busy link
+            # ends a round with at most the spares of the last refill.
+            self._grab = min(2 * self._grab, self._left)
+            self._stash(batch)
 
-    def _bad(self, head: int, why: str) -> None:
+    def _stash(self, batch: list[DescriptorChain | ChainError]) -> None:
+        hdr_len = self.cfg.hdr_len
+        for i, chain in enumerate(batch):
+            if isinstance(chain, ChainError):
+                why = str(chain)
+            else:
+                bufs = chain.writable
+                size = sum(len(b) for b in bufs) if len(bufs) != 1 else len(bufs[0])
+                if not chain.readable and size >= hdr_len:
+                    self.chains.append(Posted(chain.head, bufs, size))
+                    self.capacity += size
+                    self.descriptors += len(bufs)
+                    continue
+                why = (f"receive chain {chain.head}: {len(chain.readable)} "
+                       f"device-readable buffers, {size} writable bytes")
+            if self._bad(batch, i, why):
+                return
+
+    def _bad(self, batch: list[DescriptorChain | ChainError], i: int, why: str) -> bool:
         """Return a bad chain empty, but only in ring order: with chains stashed
-        before it, it goes back to the ring until they are used."""
+        before it, it and the rest of its burst go back to the ring (newest
+        first) until they are used.  True if the burst ends here."""
         if self.chains:
-            self.queue.undo_pop(head)
+            for chain in reversed(batch[i:]):
+                self.queue.undo_pop(chain.head)
             self.blocked = True
-            return
+            return True
         stats = self.pair.all_stats
         stats.rx_bad_chains += 1
         if worth_logging(stats.rx_bad_chains):
             log.warning("pair %d: %s; returned empty", self.pair.index, why)
-        self.queue.push(head, 0)
+        self.used.append((batch[i].head, 0))
         self.pushed = True
+        return False
 
-    def give_back(self) -> None:
-        """Unpop the chains no frame used (they are the last ones popped,
-        and go back newest first)."""
+    def finish(self) -> None:
+        """Publish the round's used entries and counts, then unpop the chains
+        no frame used (the last ones popped: they go back newest first)."""
+        if self.used:
+            self.queue.push_batch(self.used)
+            self.used = []
+        st = self.pair.stats
+        st.rx_frames += self.frames
+        st.rx_bytes += self.nbytes
+        self.frames = self.nbytes = 0
         for posted in reversed(self.chains):
             self.queue.undo_pop(posted.head)
         self.chains.clear()
