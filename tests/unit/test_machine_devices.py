@@ -11,8 +11,8 @@ import threading
 import pytest
 from dvmm_core.machine.bus import Bus
 from dvmm_core.machine.cmos import Cmos, from_bcd
+from dvmm_core.machine.i8042 import I8042
 from dvmm_core.machine.platform import (
-    I8042,
     DebugCon,
     FastA20,
     PostCode,
@@ -375,7 +375,7 @@ class Resets:
 
 def test_i8042_reads_ff_and_resets_on_fe() -> None:
     resets, bus = Resets(), Bus("pio")
-    I8042(resets).register(bus)
+    I8042(resets, present=False).register(bus)
     assert bus.read(0x64, 1) == 0xFF  # SeaBIOS's keyboard probe ends at once
     assert bus.read(0x60, 1) == 0xFF
     bus.write(0x64, 1, 0xAD)

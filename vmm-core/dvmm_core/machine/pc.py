@@ -41,7 +41,8 @@ from .fw_cfg import FwCfg
 from .intx import IntxPump
 from .irq import IrqRouter
 from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
-from .platform import I8042, DebugCon, FastA20, PostCode, ResetControl
+from .i8042 import I8042
+from .platform import DebugCon, FastA20, PostCode, ResetControl
 from .serial import Serial
 
 log = logging.getLogger("dvmm.machine")
@@ -198,7 +199,8 @@ class Machine:
         below = self.layout.low_size
         self.cmos = Cmos(below, self.layout.high_size, self.cfg.cpus)
         self.cmos.register(self.pio)
-        I8042(self._guest_reset).register(self.pio)
+        self.i8042 = I8042(self._guest_reset, self._irq, present=False)
+        self.i8042.register(self.pio)
         FastA20(self._guest_reset).register(self.pio)
         ResetControl(self._guest_reset).register(self.pio)
         if self.cfg.firmware_log is not None:

@@ -1,9 +1,9 @@
 """The small fixed-port devices of the PC platform, and byte-register plumbing.
 
-Owns the devices that are a handful of bytes of state: the i8042 keyboard
-controller (only its reset command), the fast A20 / reset port 0x92, the
-PIIX reset control register 0xCF9, the Bochs/QEMU debug console 0x402 (the
-firmware log) and the POST code port 0x80.  It also owns two helpers the
+Owns the devices that are a handful of bytes of state: the fast A20 /
+reset port 0x92, the PIIX reset control register 0xCF9, the Bochs/QEMU
+debug console 0x402 (the firmware log) and the POST code port 0x80 (the
+i8042 keyboard controller has its own module, ``i8042``).  It also owns two helpers the
 other 8-bit devices share: :class:`ByteDevice` (wider port accesses split into
 byte accesses, as the ISA bus does) and :class:`PortWindow` (one device
 answering two disjoint port ranges), plus :class:`LogOnce`.
@@ -57,6 +57,8 @@ class ByteDevice(ABC):
     def write_byte(self, offset: int, value: int) -> None: ...
 
     def read(self, offset: int, size: int) -> int:
+        if size == 1 and 0 <= offset < self.length:  # the usual access: one register
+            return self.read_byte(offset) & 0xFF
         value = 0
         for i in range(max(size, 0)):
             reg = offset + i
@@ -65,6 +67,9 @@ class ByteDevice(ABC):
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if size == 1 and 0 <= offset < self.length:  # the usual access: one register
+            self.write_byte(offset, value & 0xFF)
+            return
         for i in range(max(size, 0)):
             reg = offset + i
             if 0 <= reg < self.length:
@@ -87,46 +92,6 @@ class PortWindow:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.device.write(offset + self.delta, size, value)
-
-
-# --- i8042 -------------------------------------------------------------------
-
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
-I8042_CMD_PULSE_RESET = 0xFE  # pulse output line 0 (CPU reset); Linux reboot=k
-
-
-class I8042(ByteDevice):
-    """The keyboard controller, reduced to its reset line.
-
-    Both ports read 0xFF, deliberately: SeaBIOS's ``i8042_flush`` sees the
-    output-buffer-full bit stuck and gives up the keyboard probe at once
-    (status 0 would cost ~0.9 s of command timeouts, notes/seabios.md §2),
-    and Linux's i8042 driver reports "No controller found" the same way.
-    Linux ``reboot=k`` polls bit 1 (input buffer full) up to 64 K times
-    before writing 0xFE anyway, and repeats the write ten times, so
-    ``on_reset`` may be called more than once per reboot.
-
-    Offsets are relative to 0x60: 0 = data port, 4 = command/status port.
-    """
-
-    length = 5
-
-    def __init__(self, on_reset: Callable[[], None]) -> None:
-        self._on_reset = on_reset
-
-    def read_byte(self, offset: int) -> int:
-        return 0xFF
-
-    def write_byte(self, offset: int, value: int) -> None:
-        if offset == I8042_COMMAND_PORT - I8042_DATA_PORT and value == I8042_CMD_PULSE_RESET:
-            self._on_reset()
-
-    def register(self, bus: Bus) -> None:
-        """Claim 0x60 and 0x64 only: 0x61 belongs to the (in-kernel) PIT speaker."""
-        bus.register(I8042_DATA_PORT, 1, PortWindow(self, 0), "i8042-data")
-        bus.register(I8042_COMMAND_PORT, 1,
-                     PortWindow(self, I8042_COMMAND_PORT - I8042_DATA_PORT), "i8042-cmd")
 
 
 # --- port 0x92 ---------------------------------------------------------------
