@@ -51,6 +51,10 @@ class QueuePair:
         self.tx_running = False
         self.active = True  # within the driver's VQ_PAIRS_SET
         self.rx_paused = False  # waiting for an RX kick (no buffers, link error)
+        # The last round read the link dry: until the fd is readable again,
+        # a kick (the driver posting buffers) has nothing to receive, and the
+        # watch on the fd (level-triggered) reports the next frame anyway.
+        self.rx_drained = False
         self.tx_blocked = False  # waiting for the link to take frames again
         self._fd = -1
         self._events = 0
@@ -75,13 +79,13 @@ class QueuePair:
 
     def reset(self) -> None:
         self.rx_running = self.tx_running = False
-        self.rx_paused = self.tx_blocked = False
+        self.rx_paused = self.tx_blocked = self.rx_drained = False
         self.active = True
         self._fd, self._events = -1, 0
 
     def queue_started(self, queue: int) -> None:
         if queue == self.rx_queue:
-            self.rx_running, self.rx_paused = True, False
+            self.rx_running, self.rx_paused, self.rx_drained = True, False, False
         else:
             self.tx_running, self.tx_blocked = True, False
         self._apply()
@@ -129,7 +133,7 @@ class QueuePair:
             self.host.unwatch(self._fd)
         self._fd, self._events = -1, 0
         self.link.reopen(self.index)
-        self.tx_blocked = False
+        self.tx_blocked = self.rx_drained = False
         self.sync()
 
     # -- registrations ------------------------------------------------------------
@@ -157,6 +161,7 @@ class QueuePair:
             host.watch(fd, WRITE, self._on_writable)
 
     def _on_readable(self) -> None:
+        self.rx_drained = False
         if self.host is not None:
             self.host.service_queue(self.rx_queue)
 

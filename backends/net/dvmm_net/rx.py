@@ -21,6 +21,11 @@ posts them; without it: every chain) is read into that chain's buffers
 and the spare byte with an iovec list built once per chain, and the
 header's few device-owned fields are patched in place in guest memory.
 
+A round that reads the link dry leaves the pair *drained*: kicks (the
+driver posting buffers, several per round when it keeps the ring full) do
+not start another round that could only find the link empty again; the
+next frame makes the watched fd readable, and that starts it.
+
 When the posted buffers cannot hold a large frame, reception pauses: the
 link fd is no longer watched until the driver kicks the ring with new
 buffers (back-pressure, no busy loop, nothing queued here; the frames wait
@@ -110,6 +115,7 @@ class RxRound:
                 outcome = self.receive_one()
                 if outcome is Outcome.FRAME or outcome is Outcome.DROPPED:
                     continue
+                self.pair.rx_drained = outcome is Outcome.EMPTY
                 if outcome is Outcome.CHANGED and not relinked:
                     relinked = True
                     self.pair.relink()
@@ -320,7 +326,7 @@ class RxRound:
 
 def receive(pair: QueuePair, queue: SplitQueue) -> bool:
     """Serve a receive ring (kicked, or its link fd readable)."""
-    if not pair.rx_on:
+    if not pair.rx_on or pair.rx_drained:
         return False
     pair.resume_rx()
     return RxRound(pair, queue).run()
