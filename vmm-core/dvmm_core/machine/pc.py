@@ -38,10 +38,10 @@ from .bus import Bus
 from .cmos import Cmos
 from .e820 import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RamLayout
 from .fw_cfg import FwCfg
+from .i8042 import I8042
 from .intx import IntxPump
 from .irq import IrqRouter
 from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
-from .i8042 import I8042
 from .platform import DebugCon, FastA20, PostCode, ResetControl
 from .serial import Serial
 
