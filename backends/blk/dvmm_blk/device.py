@@ -3,17 +3,21 @@
 Owns what the device advertises (virtio 1.2 section 5.2: feature bits and
 ``struct virtio_blk_config``) and the mapping from a parsed request to a disk
 operation and a status byte.  Parsing is :mod:`.request`'s, file I/O is
-:mod:`.disk`'s, and the rings are the shared daemon's.
+:mod:`.disk`'s, and the rings are the shared daemon's.  With an engine
+(:mod:`.engine`) requests are served concurrently and completed out of order
+through :mod:`.dispatch`; without one (``sync``) each is served inline.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from dvmm_shared.chain import ChainReader, ChainWriter, write_views
-from dvmm_shared.vhost_user.backend import VhostUserBackend
+from dvmm_shared.vhost_user.backend import BackendHost, VhostUserBackend
 from dvmm_shared.virtio import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -30,9 +34,11 @@ from dvmm_shared.virtio import (
     VirtioBlkStatus,
     bit,
 )
-from dvmm_shared.virtqueue import DescriptorChain
+from dvmm_shared.virtqueue import DescriptorChain, SplitQueue
 
 from .disk import Disk
+from .dispatch import Dispatcher
+from .engine import Engine
 from .request import (
     BlkRequest,
     BlkRequestError,
@@ -42,6 +48,7 @@ from .request import (
     GetId,
     NoStatusByteError,
     Read,
+    Segment,
     Write,
     WriteZeroes,
     parse_request,
@@ -60,6 +67,11 @@ CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 DEFAULT_QUEUE_SIZE = 128
 SEG_MAX = DEFAULT_QUEUE_SIZE - 2  # header and status take two descriptors
 DISCARD_ALIGNMENT = 8  # sectors (4 KiB): what hole punching can honour
+
+#: A parsed request: the request, its status byte, the bytes written if it succeeds.
+Parsed = tuple[BlkRequest, memoryview, int]
+#: A disk call and its arguments; raises OSError.
+DiskOp = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 @dataclass
@@ -80,7 +92,8 @@ class BlkDevice(VhostUserBackend):
 
     max_queue_size = 1024
 
-    def __init__(self, disk: Disk, *, queues: int = 1, serial: str = "dvmm") -> None:
+    def __init__(self, disk: Disk, *, queues: int = 1, serial: str = "dvmm",
+                 engine: Engine | None = None) -> None:
         if queues < 1:
             raise ValueError("a block device needs at least one queue")
         self.disk = disk
@@ -88,6 +101,7 @@ class BlkDevice(VhostUserBackend):
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.limits = DiskLimits(capacity=disk.size // VIRTIO_BLK_SECTOR_SIZE)
         self.stats = BlkStats()
+        self.dispatcher = Dispatcher(self, engine) if engine is not None else None
 
     @property
     def num_queues(self) -> int:
@@ -116,11 +130,45 @@ class BlkDevice(VhostUserBackend):
     def set_config(self, offset: int, data: bytes) -> None:
         log.info("ignoring a write of %d bytes to config offset %d", len(data), offset)
 
+    # -- the daemon's hooks ---------------------------------------------------------
+    def attach(self, host: BackendHost) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.attach(host)
+
+    def queue_started(self, index: int) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.watch()
+
+    def queue_stopped(self, index: int) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.drain(index)
+
+    def process_queue(self, queue_index: int, queue: SplitQueue,
+                      serve: Callable[[int, SplitQueue], bool]) -> bool:
+        d = self.dispatcher
+        if d is None or d.host is None:
+            return serve(queue_index, queue)
+        return d.host.submit_chains(queue_index, queue, d.start)
+
     # -- requests -------------------------------------------------------------
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        """Serve one request now (the ``sync`` engine, fault injection, tests)."""
+        parsed = self.parse(queue_index, chain)
+        if isinstance(parsed, int):
+            return parsed
+        req, status_buf, ok_written = parsed
+        status = self.execute(req)
+        status_buf[0] = status
+        return ok_written if status == VirtioBlkStatus.OK else 1
+
+    def parse(self, queue_index: int, chain: DescriptorChain) -> Parsed | int:
+        """The request of a chain, its status byte and the bytes written if
+        it succeeds; or, for a chain answered already (a bad request: its
+        status is set), the bytes written."""
         simple = parse_simple(chain.readable, chain.writable, self.limits)
         if simple is not None:  # the common read/write layout, no stream objects
-            return self._serve_simple(*simple)
+            rw, status_buf = simple
+            return rw, status_buf, rw.nbytes + 1 if isinstance(rw, Read) else 1
         writer = ChainWriter(chain.writable)
         try:
             status_buf = take_status(writer)
@@ -128,21 +176,12 @@ class BlkDevice(VhostUserBackend):
             self.stats.errors += 1
             log.warning("queue %d: %s; request dropped", queue_index, exc)
             return 0
-        reader = ChainReader(chain.readable)
         try:
-            req = parse_request(reader, writer, self.limits)
-            status = self.execute(req)
+            req = parse_request(ChainReader(chain.readable), writer, self.limits)
         except BlkRequestError as exc:
-            status = self._refuse(queue_index, exc)
-        status_buf[0] = status
-        return writer.consumed + 1 if status == VirtioBlkStatus.OK else 1
-
-    def _serve_simple(self, req: Read | Write, status_buf: memoryview) -> int:
-        status = self.execute(req)
-        status_buf[0] = status
-        if status == VirtioBlkStatus.OK and isinstance(req, Read):
-            return req.nbytes + 1
-        return 1
+            status_buf[0] = self._refuse(queue_index, exc)
+            return 1
+        return req, status_buf, writer.consumed + 1
 
     def _refuse(self, queue_index: int, exc: BlkRequestError) -> int:
         if exc.status_unsupported:
@@ -154,46 +193,71 @@ class BlkDevice(VhostUserBackend):
         return VirtioBlkStatus.IOERR
 
     def execute(self, req: BlkRequest) -> int:
-        """Do the I/O; returns the virtio-blk status byte."""
+        """Do the I/O now; returns the virtio-blk status byte."""
+        op = self.operation(req)
+        if isinstance(op, int):
+            return op
+        fn, args = op
         try:
-            return self._execute(req)
+            fn(*args)
         except OSError as exc:
-            self.stats.errors += 1
-            log.warning("I/O error on %s: %s", type(req).__name__, exc)
-            return VirtioBlkStatus.IOERR
+            return self.failed(req, exc)
+        self.account(req)
+        return VirtioBlkStatus.OK
 
-    def _execute(self, req: BlkRequest) -> int:
-        st, disk = self.stats, self.disk
+    def operation(self, req: BlkRequest) -> DiskOp | int:
+        """The disk call that serves ``req`` (any thread may make it), or the
+        status of a request answered without one."""
+        disk = self.disk
         if isinstance(req, Read):
-            disk.read(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
-            st.reads += 1
-            st.bytes_read += req.nbytes
-            return VirtioBlkStatus.OK
+            return disk.read, (req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
         if isinstance(req, GetId):
             write_views(req.buf, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
                         [:sum(len(b) for b in req.buf)])
             return VirtioBlkStatus.OK
         if disk.read_only and not isinstance(req, Flush):
-            st.errors += 1
+            self.stats.errors += 1
             return VirtioBlkStatus.IOERR
         if isinstance(req, Write):
-            disk.write(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+            return disk.write, (req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+        if isinstance(req, Flush):
+            return disk.flush, ()
+        if isinstance(req, Discard):
+            return self._discard, (req.segments,)
+        return self._write_zeroes, (req.segments,)
+
+    def _discard(self, segments: list[Segment]) -> None:
+        for seg in segments:
+            self.disk.discard(seg.sector * VIRTIO_BLK_SECTOR_SIZE,
+                              seg.num_sectors * VIRTIO_BLK_SECTOR_SIZE)
+
+    def _write_zeroes(self, segments: list[Segment]) -> None:
+        for seg in segments:
+            self.disk.write_zeroes(seg.sector * VIRTIO_BLK_SECTOR_SIZE,
+                                   seg.num_sectors * VIRTIO_BLK_SECTOR_SIZE, seg.unmap)
+
+    def account(self, req: BlkRequest) -> None:
+        """Count a request that succeeded (on the loop thread)."""
+        st = self.stats
+        if isinstance(req, Read):
+            st.reads += 1
+            st.bytes_read += req.nbytes
+        elif isinstance(req, Write):
             st.writes += 1
             st.bytes_written += req.nbytes
         elif isinstance(req, Flush):
-            disk.flush()
             st.flushes += 1
         elif isinstance(req, Discard):
-            for seg in req.segments:
-                disk.discard(seg.sector * VIRTIO_BLK_SECTOR_SIZE,
-                             seg.num_sectors * VIRTIO_BLK_SECTOR_SIZE)
             st.discards += 1
         elif isinstance(req, WriteZeroes):
-            for seg in req.segments:
-                disk.write_zeroes(seg.sector * VIRTIO_BLK_SECTOR_SIZE,
-                                  seg.num_sectors * VIRTIO_BLK_SECTOR_SIZE, seg.unmap)
             st.write_zeroes += 1
-        return VirtioBlkStatus.OK
+
+    def failed(self, req: BlkRequest, exc: OSError) -> int:
+        self.stats.errors += 1
+        log.warning("I/O error on %s: %s", type(req).__name__, exc)
+        return VirtioBlkStatus.IOERR
 
     def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         self.disk.close()

@@ -34,6 +34,7 @@ from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import BlkDevice
 from .disk import Disk, DiskError, FaultyDisk, RawDisk
+from .engine import DEFAULT_THREADS, ENGINES, MAX_THREADS, EngineError, make_engine
 
 log = logging.getLogger("dvmm.blk")
 
@@ -69,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serial", default=None, metavar="ID",
                    help="serial number returned by GET_ID (max 20 bytes; "
                         "default: dvmm- and the image file name)")
+    p.add_argument("--engine", choices=ENGINES, default="threads",
+                   help="how requests are served: threads (a pool of workers, several "
+                        "requests in flight, completed out of order; the default) or "
+                        "sync (one at a time on the event loop)")
+    p.add_argument("--io-threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"worker threads of the threads engine (1..{MAX_THREADS}, "
+                        f"default {DEFAULT_THREADS})")
     add_control_argument(p)
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user capabilities as JSON and exit")
@@ -94,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --socket PATH or --fd N")
     if not 1 <= args.queues <= 64:
         raise UsageError(f"--queues must be 1..64, not {args.queues}")
+    if not 1 <= args.io_threads <= MAX_THREADS:
+        raise UsageError(f"--io-threads must be 1..{MAX_THREADS}, not {args.io_threads}")
     setup_logging("dvmm-blk", args.verbose, args.quiet)
     try:
         raw = RawDisk(args.image, read_only=args.read_only)
@@ -102,17 +112,22 @@ def run(args: argparse.Namespace) -> int:
     # Error injection only where someone can arm it: the plain data path stays as it was.
     disk: Disk = FaultyDisk(raw) if args.control else raw
     serial = args.serial if args.serial is not None else default_serial(args.image)
-    device = BlkDevice(disk, queues=args.queues, serial=serial)
+    try:
+        engine = make_engine(args.engine, args.io_threads)
+    except EngineError as exc:
+        disk.close()
+        raise UsageError(str(exc)) from None
+    device = BlkDevice(disk, queues=args.queues, serial=serial, engine=engine)
     try:
         daemon = Daemon.listening(device, args.socket, args.fd)
     except OSError as exc:
-        disk.close()
+        device.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
     control = serve_commands(args.control, daemon, device) if args.control else None
     daemon.install_signal_handlers()
-    log.info("serving %s (%d bytes%s, %d queue%s)", args.image, disk.size,
+    log.info("serving %s (%d bytes%s, %d queue%s, %s engine)", args.image, disk.size,
              ", read-only" if disk.read_only else "", args.queues,
-             "s" if args.queues > 1 else "")
+             "s" if args.queues > 1 else "", args.engine)
     try:
         daemon.serve_forever()
     finally:

@@ -8,12 +8,18 @@ calls these methods.  Request/response devices (blk) only implement
 ``process_queue`` and use the :class:`BackendHost` handed to ``attach``:
 it watches extra fds (a TAP) with callbacks and services a queue on demand,
 and ``queue_started``/``queue_stopped`` say when a ring may be served.
+
+A device that completes requests later, out of order (blk's I/O engines),
+takes chains with :meth:`BackendHost.submit_chains` and hands them back with
+:meth:`BackendHost.complete` on the loop thread, woken by an fd it watches;
+it must have completed every chain of a ring when ``queue_stopped`` returns
+(the ring's position is read back next).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +47,11 @@ class BackendStats:
         return self.queues.setdefault(index, QueueStats())
 
 
+#: A device's start of one request: the bytes written (served now, pushed at
+#: once) or None (taken: it comes back later through BackendHost.complete).
+StartChain = Callable[[int, DescriptorChain], int | None]
+
+
 class BackendHost(Protocol):
     """What the daemon lends a backend for one frontend connection.
 
@@ -53,6 +64,12 @@ class BackendHost(Protocol):
     def unwatch(self, fd: int, events: int = ...) -> None: ...
     def service_queue(self, index: int) -> None:
         """Run the queue now, as a kick would (a no-op unless it is running)."""
+    def submit_chains(self, index: int, queue: SplitQueue, start: StartChain) -> bool:
+        """Every available chain to ``start`` (a bad chain is returned at once
+        with 0 bytes); whether anything was pushed.  For ``process_queue``."""
+    def complete(self, index: int, done: Sequence[tuple[int, int]]) -> None:
+        """Publish ``(head, bytes written)`` of chains taken earlier, in this
+        order, then signal the call eventfd once if the driver wants it."""
 
 
 class VhostUserBackend(ABC):

@@ -27,7 +27,7 @@ import logging
 import os
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,7 +36,7 @@ from ..inflight import InflightError, InflightRegion
 from ..memory import GuestMemory, GuestMemoryError, Region
 from ..virtio import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
 from ..virtqueue import QueueError, RingError, RingLayout, SplitQueue
-from .backend import BackendStats, VhostUserBackend
+from .backend import BackendStats, StartChain, VhostUserBackend
 from .connection import Connection, Message
 from .message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -55,7 +55,15 @@ from .message import (
     encode_u64,
     request_name,
 )
-from .vring import Faults, RequestFailed, RingState, Vring, serve_chains
+from .vring import (
+    Faults,
+    RequestFailed,
+    RingState,
+    Vring,
+    publish_completions,
+    serve_chains,
+    start_chains,
+)
 from .watches import FdWatches
 
 log = logging.getLogger("dvmm.vhost_user")
@@ -510,6 +518,26 @@ class Session:
     def service_queue(self, index: int) -> None:
         if 0 <= index < len(self.vrings):
             self.service(self.vrings[index])
+
+    def submit_chains(self, index: int, queue: SplitQueue, start: StartChain) -> bool:
+        return start_chains(index, queue, self.stats.queue(index), start,
+                            self.faults.crash_point)
+
+    def complete(self, index: int, done: Sequence[tuple[int, int]]) -> None:
+        """Publish chains a device completed later (on the loop thread).
+
+        They go to the ring's current queue, which may have been re-mapped
+        since the chains were taken (a new memory table); a ring that is
+        gone drops them, and with in-flight tracking they stay marked in its
+        region, to be served again at the next start."""
+        ring = self.vrings[index] if 0 <= index < len(self.vrings) else None
+        queue = ring.queue if ring is not None else None
+        if ring is None or queue is None:
+            log.warning("ring %d is not mapped; %d completions dropped", index, len(done))
+            return
+        publish_completions(queue, done, self.stats.queue(index), self.faults.crash_point)
+        if done and queue.needs_notification():
+            self.notify(ring)
 
     # -- teardown -----------------------------------------------------------
     def reset(self) -> None:

@@ -5,7 +5,16 @@ kick/call/err eventfds, started/enabled/broken, the mapped queue and its
 in-flight region), the fault-injection knobs shared by the daemon and its
 sessions (:class:`Faults`), and :func:`serve_chains`, the hot loop that
 hands every available chain to the device's ``handle_chain`` and returns it
-used.  Messages are :mod:`.session`'s; the event loop is :mod:`.daemon`'s.
+used.  A device that completes chains later, out of order, takes them with
+:func:`start_chains` and returns them with :func:`publish_completions`: one
+put per chain, each with the in-flight steps of vhost-user.rst "Inflight I/O
+tracking" (``last_batch_head``, used element, used index, entry retired), so
+a batch of completions is a run of one-entry batches.  That keeps recovery
+exact with the one ``last_batch_head`` entry that libvhost-user (and
+:meth:`~dvmm_shared.inflight.InflightQueue.recover`) clear, and the region
+interchangeable with libvhost-user backends; the driver is still signalled
+once per batch.  Messages are :mod:`.session`'s; the event loop is
+:mod:`.daemon`'s.
 """
 
 from __future__ import annotations
@@ -13,13 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from ..eventfd import EventFd
 from ..inflight import InflightQueue
 from ..virtqueue import ChainError, DescriptorChain, SplitQueue
-from .backend import QueueStats, VhostUserBackend
+from .backend import QueueStats, StartChain, VhostUserBackend
 from .message import VringAddr
 
 log = logging.getLogger("dvmm.vhost_user")
@@ -107,12 +117,62 @@ def serve_chains(backend: VhostUserBackend, index: int, queue: SplitQueue, st: Q
         pushed = True
 
 
+def start_chains(index: int, queue: SplitQueue, st: QueueStats, start: StartChain,
+                 crash_point: str | None = None) -> bool:
+    """Every available chain to ``start``, which serves it now (returns the
+    bytes written: pushed here) or takes it (returns None: the device
+    completes it later with :func:`publish_completions`); whether any was pushed.
+
+    Each chain is marked in flight when popped, before ``start`` sees it."""
+    pushed = False
+    while True:
+        try:
+            chain = queue.pop()
+        except ChainError as exc:
+            st.bad_chains += 1
+            log.warning("queue %d: %s", index, exc)
+            queue.push(exc.head, 0)
+            pushed = True
+            continue
+        if chain is None:
+            return pushed
+        if crash_point == "after-pop":
+            crash_process("after-pop")
+        written = start(index, chain)
+        if written is not None:
+            if crash_point is None:
+                queue.push(chain.head, written)
+            else:
+                _put_crashing(queue, chain.head, written, crash_point)
+            st.requests += 1
+            pushed = True
+
+
+def publish_completions(queue: SplitQueue, done: Sequence[tuple[int, int]], st: QueueStats,
+                        crash_point: str | None = None) -> None:
+    """Put ``(head, written)`` pairs in the used ring, in order, one at a time
+    (see the module docstring); the caller decides about the notification."""
+    if crash_point is None:
+        push = queue.push
+        for head, written in done:
+            push(head, written)
+    else:
+        for head, written in done:
+            _put_crashing(queue, head, written, crash_point)
+    st.requests += len(done)
+
+
 def _serve_crashing(backend: VhostUserBackend, index: int, queue: SplitQueue,
                     chain: DescriptorChain, point: str) -> None:
     """One request, step by step, dying at ``point`` (fault injection)."""
     head = chain.head
     _crash_if(point, "after-pop")
     written = backend.handle_chain(index, chain)
+    _put_crashing(queue, head, written, point)
+
+
+def _put_crashing(queue: SplitQueue, head: int, written: int, point: str) -> None:
+    """One put, step by step, dying at ``point`` (the request's data is done)."""
     _crash_if(point, "after-data")
     queue.write_used(head, written)
     _crash_if(point, "before-used")

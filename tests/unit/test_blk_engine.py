@@ -1,0 +1,285 @@
+"""The blk I/O engines and the asynchronous request path.
+
+:class:`ThreadEngine` with real threads (jobs really in flight together,
+finished out of order, every completion wakes the loop, errors come back);
+the dispatcher with a hand-driven engine (FLUSH held behind earlier writes,
+in-flight entries cleared only when published, bad requests answered at
+once); and the whole backend in a daemon thread behind real vhost-user:
+out-of-order completions reach the driver, and GET_VRING_BASE waits for the
+requests in flight.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dvmm_blk.device import BlkDevice
+from dvmm_blk.disk import RawDisk
+from dvmm_blk.engine import EngineError, Job, ThreadEngine, make_engine
+from dvmm_shared.eventfd import EventFd
+from dvmm_shared.synthetic import SyntheticVM
+from dvmm_shared.virtio import VirtioBlkReqType as T
+
+from .blk_engine_rig import SECTOR, EngineRig
+from .helpers import DaemonThread, make_image, run_blk
+from .test_blk_e2e import ALL_FEATURES, post, status
+
+OK, IOERR, UNSUPP = 0, 1, 2
+DEADLINE = 20.0  # seconds: only bounds a failing test, never judged
+
+
+def reap_all(engine: ThreadEngine, count: int) -> list[Job]:
+    """Wait on the engine's fd (as the daemon's selector does) for ``count`` jobs."""
+    out: list[Job] = []
+    deadline = time.monotonic() + DEADLINE
+    while len(out) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(out)} of {count} jobs came back"
+        ready, _, _ = select.select([engine.fd], [], [], left)
+        if ready:
+            out.extend(engine.reap())
+    return out
+
+
+@pytest.fixture
+def engine() -> Iterator[ThreadEngine]:
+    e = ThreadEngine(4)
+    yield e
+    e.close()
+
+
+# -- ThreadEngine --------------------------------------------------------------------
+def test_jobs_are_in_flight_together(engine: ThreadEngine) -> None:
+    barrier = threading.Barrier(4, timeout=DEADLINE)  # passes only with 4 running at once
+    results: list[int] = []
+    for _ in range(4):
+        engine.submit(Job(lambda: results.append(barrier.wait()), ()))
+    assert len(reap_all(engine, 4)) == 4
+    assert sorted(results) == [0, 1, 2, 3]
+
+
+def test_jobs_finish_out_of_order(engine: ThreadEngine) -> None:
+    gate = threading.Event()
+    slow = Job(gate.wait, (DEADLINE,), head=1)
+    fast = Job(lambda: None, (), head=2)
+    engine.submit(slow)
+    engine.submit(fast)
+    assert [j.head for j in reap_all(engine, 1)] == [2]
+    gate.set()
+    assert [j.head for j in reap_all(engine, 1)] == [1]
+
+
+class YieldingEventFd(EventFd):
+    """Gives the GIL away inside signal/consume: the windows between the
+    engine's flag and its eventfd open wide."""
+
+    def signal(self) -> None:
+        time.sleep(0)
+        super().signal()
+
+    def consume(self) -> int:
+        time.sleep(0)
+        return super().consume()
+
+
+def test_every_completion_wakes_the_loop() -> None:
+    """Bursts of tiny jobs from many threads: none is left without a wake-up
+    (a lost one would leave jobs on the deque and the fd quiet)."""
+    engine = ThreadEngine(4, wakeup=YieldingEventFd())
+    try:
+        _bursts(engine)
+    finally:
+        engine.close()
+
+
+def _bursts(engine: ThreadEngine) -> None:
+    rng = random.Random(9)
+    for _ in range(400):
+        burst = rng.randrange(2, 12)
+        for i in range(burst):  # spread the finishes so they race with the reaps
+            engine.submit(Job(time.sleep, (rng.random() / 2000,), head=i))
+        assert sorted(j.head for j in reap_all(engine, burst)) == list(range(burst))
+
+
+def test_an_oserror_is_returned_with_the_job(engine: ThreadEngine) -> None:
+    def fail() -> None:
+        raise OSError(5, "boom")
+
+    engine.submit(Job(fail, ()))
+    (job,) = reap_all(engine, 1)
+    assert isinstance(job.error, OSError) and job.error.errno == 5
+
+
+def test_close_finishes_what_was_submitted_and_refuses_more() -> None:
+    e = ThreadEngine(2)
+    done: list[int] = []
+    for i in range(10):
+        e.submit(Job(done.append, (i,)))
+    e.close()
+    assert sorted(done) == list(range(10))
+    with pytest.raises(EngineError):
+        e.submit(Job(done.append, (0,)))
+
+
+def test_make_engine_checks_its_arguments() -> None:
+    assert make_engine("sync") is None
+    with pytest.raises(EngineError, match="engine must be one of"):
+        make_engine("io_uring")
+    with pytest.raises(EngineError, match=r"1\.\.256"):
+        ThreadEngine(0)
+
+
+# -- the dispatcher, by hand -------------------------------------------------------
+def test_flush_waits_for_the_writes_issued_before_it() -> None:
+    rig = EngineRig()
+    w1, w2 = rig.post("W", 1), rig.post("W", 2)
+    f = rig.post("F")
+    w3 = rig.post("W", 3)
+    rig.service()
+    assert rig.engine.queued[-1].head == w3.head  # w1, w2, w3 submitted; the flush held
+    assert {j.head for j in rig.engine.queued} == {w1.head, w2.head, w3.head}
+    rig.engine.run(1)  # w2
+    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
+    assert f.head not in {j.head for j in rig.engine.queued}
+    rig.engine.run(0)  # w1: every write before the flush is done
+    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
+    assert f.head in {j.head for j in rig.engine.queued}  # w3 (after it) is not awaited
+    rig.engine.wait(0)
+    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
+    assert [h for h, _ in rig.rp.driver.get_used()] == [w2.head, w1.head, w3.head, f.head]
+    assert rig.disk.calls == [("write", 2), ("write", 1), ("write", 3),
+                              ("flush", frozenset({1, 2, 3}))]
+
+
+def test_completions_are_published_in_the_order_they_finish() -> None:
+    rig = EngineRig()
+    reads = [rig.post("R", s) for s in (3, 4, 5)]
+    rig.service()
+    assert set(rig.tracker.inflight_heads()) == {p.head for p in reads}
+    rig.engine.run(2)
+    rig.engine.run(0)
+    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
+    assert rig.rp.driver.get_used() == [(reads[2].head, SECTOR + 1), (reads[0].head, SECTOR + 1)]
+    assert rig.tracker.inflight_heads() == [reads[1].head]  # still held: still marked
+    assert rig.host.notifications == 1  # one signal for the batch of two
+    assert rig.rp.mem.read(reads[2].data, SECTOR) == bytes([5]) * SECTOR
+
+
+def test_errors_and_bad_requests() -> None:
+    rig = EngineRig(fail=frozenset({7}))
+    bad, gid, w = rig.post("X"), rig.post("G"), rig.post("W", 7)
+    rig.service()
+    # answered at once, without the engine
+    assert sorted(rig.rp.driver.get_used()) == sorted([(bad.head, 1), (gid.head, 21)])
+    assert (rig.status(bad), rig.status(gid)) == (UNSUPP, OK)
+    rig.engine.run(0)
+    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
+    assert rig.rp.driver.get_used() == [(w.head, 1)] and rig.status(w) == IOERR
+    assert rig.device.stats.errors == 1 and rig.device.stats.writes == 0
+
+
+def test_stopping_a_ring_drains_it() -> None:
+    rig = EngineRig()
+    for s in range(5):
+        rig.post("W" if s % 2 else "R", s)
+    rig.post("F")
+    rig.service()
+    rig.device.queue_stopped(0)
+    assert len(rig.rp.driver.get_used()) == 6
+    assert rig.tracker.inflight_heads() == [] and not rig.engine.queued
+    assert rig.device.dispatcher is not None and rig.device.dispatcher.outstanding[0] == 0
+
+
+# -- through the daemon ---------------------------------------------------------------
+class GatedDisk(RawDisk):
+    """Reads of sector 0 wait for :attr:`gate`."""
+
+    gate = threading.Event()
+
+    def read(self, offset: int, bufs: list[memoryview]) -> None:
+        if offset == 0:
+            assert self.gate.wait(DEADLINE)
+        super().read(offset, bufs)
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[tuple[DaemonThread, threading.Event, threading.Event]]:
+    """The backend in a daemon thread; its reads of sector 0 wait for the
+    first event, and the second is set when a ring starts draining."""
+    disk = GatedDisk(str(make_image(tmp_path / "d.img", 64 * SECTOR)))
+    disk.gate = threading.Event()
+    device = BlkDevice(disk, engine=ThreadEngine(4))
+    draining = threading.Event()
+    dispatcher = device.dispatcher
+    assert dispatcher is not None
+    drain = dispatcher.drain
+
+    def traced_drain(index: int) -> None:
+        draining.set()
+        drain(index)
+
+    dispatcher.drain = traced_drain  # type: ignore[method-assign]
+    with DaemonThread(device, tmp_path / "blk.sock") as dt:
+        yield dt, disk.gate, draining
+        disk.gate.set()
+
+
+def test_a_slow_request_does_not_hold_back_the_others(
+        gated: tuple[DaemonThread, threading.Event, threading.Event]) -> None:
+    dt, gate, _ = gated
+    with SyntheticVM(mem_size=1 << 20) as vm:
+        vm.connect(dt.path, ALL_FEATURES)
+        ring = vm.rings[0]
+        slow = post(vm, ring, T.IN, 0, in_len=SECTOR)
+        fast = [post(vm, ring, T.IN, s, in_len=SECTOR) for s in (1, 2)]
+        ring.kick_if_needed()
+        first: list[int] = []
+        while len(first) < 2:
+            first += [h for h, _ in ring.wait_used(DEADLINE)]
+        assert sorted(first) == sorted(p.head for p in fast)
+        gate.set()
+        assert ring.wait_used(DEADLINE) == [(slow.head, SECTOR + 1)]
+        assert status(vm, slow) == OK
+        assert vm.mem.read(slow.data_addr, 8) == (0).to_bytes(8, "little")
+
+
+def test_get_vring_base_waits_for_the_requests_in_flight(
+        gated: tuple[DaemonThread, threading.Event, threading.Event]) -> None:
+    dt, gate, draining = gated
+    with SyntheticVM(mem_size=1 << 20) as vm:
+        vm.connect(dt.path, ALL_FEATURES)
+        ring = vm.rings[0]
+        slow = post(vm, ring, T.IN, 0, in_len=SECTOR)
+        fast = post(vm, ring, T.IN, 1, in_len=SECTOR)
+        ring.kick_if_needed()
+        assert ring.wait_used(DEADLINE) == [(fast.head, SECTOR + 1)]
+        base: list[int] = []
+        assert vm.frontend is not None
+        fe = vm.frontend
+        stopper = threading.Thread(target=lambda: base.append(fe.get_vring_base(0)))
+        stopper.start()
+        assert draining.wait(DEADLINE)  # the stop arrived while the read is held
+        assert ring.queue.get_used() == [] and not base
+        gate.set()
+        stopper.join(DEADLINE)
+        assert base == [2]  # both taken; the reply came once both were returned
+        assert ring.queue.get_used() == [(slow.head, SECTOR + 1)]
+
+
+# -- the command line ---------------------------------------------------------------
+def test_engine_options(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "d.img", 64 * SECTOR)
+    out = run_blk("--socket", str(tmp_path / "s.sock"), "--image", str(image),
+                  "--io-threads", "0")
+    assert out.returncode != 0 and "--io-threads must be 1..256" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = run_blk("--socket", str(tmp_path / "s.sock"), "--image", str(image),
+                  "--engine", "nope")
+    assert out.returncode != 0 and "invalid choice" in out.stderr
+    assert "--engine" in run_blk("--help").stdout
