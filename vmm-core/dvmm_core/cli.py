@@ -23,6 +23,7 @@ memory and serves its virtqueues itself.
 def build_parser() -> argparse.ArgumentParser:
     from dvmm_bench import cli as bench_cli
     from dvmm_blk import main as blk_main
+    from dvmm_display import main as display_main
     from dvmm_net import main as net_main
 
     from . import control_cli, demo_vm, run
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     net_main.add_arguments(net)
     net.set_defaults(func=net_main.run)
+    display = kinds.add_parser("display", help="display process: VNC server, virtio-gpu",
+                               description=display_main.DESCRIPTION,
+                               epilog=display_main.EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    display_main.add_arguments(display)
+    display.set_defaults(func=display_main.run)
 
     guest_build.add_parser(sub)
     run.add_parser(sub)
