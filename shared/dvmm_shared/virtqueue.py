@@ -254,7 +254,10 @@ class SplitQueue:
             except ChainError as exc:
                 out.append(exc)
         count = min(self.pending(), limit - len(out)) if len(out) < limit else 0
-        avail, desc, size, mem_slice = self._avail_h, self._desc, self.size, self.mem.slice
+        avail, desc, size = self._avail_h, self._desc, self.size
+        # The region the last buffer lay in: the next one is almost always
+        # there too, and slicing it directly skips the region search.
+        base, span, region = 0, -1, self._desc  # (no region yet: span -1 never fits)
         last = self.last_avail_idx
         for _ in range(count):
             head = avail[2 + last % size]
@@ -264,11 +267,18 @@ class SplitQueue:
             if head < size:
                 addr, length, flags, _ = _DESC.unpack_from(desc, head * VIRTQ_DESC_SIZE)
                 if not flags & _NEXT_OR_INDIRECT:
-                    try:
-                        buf = mem_slice(addr, length)
-                    except GuestMemoryError as exc:
-                        out.append(BufferAddressError(head, str(exc)))
-                        continue
+                    off = addr - base
+                    if off >= 0 and off + length <= span:
+                        buf = region[off:off + length]
+                    else:
+                        try:
+                            buf = self.mem.slice(addr, length)
+                        except GuestMemoryError as exc:
+                            out.append(BufferAddressError(head, str(exc)))
+                            continue
+                        for r in self.mem:
+                            if r.guest_addr <= addr < r.guest_end:
+                                base, span, region = r.guest_addr, r.size, r.view
                     out.append(DescriptorChain(head, [], [buf]) if flags & VIRTQ_DESC_F_WRITE
                                else DescriptorChain(head, [buf], []))
                     continue

@@ -78,15 +78,18 @@ class Outcome(enum.Enum):
 
 class Posted:
     """A popped receive chain: its head, device-writable buffers and their
-    size, and the iovec list for one read (the buffers and the spare byte)."""
+    size, the iovec list for one read (the buffers and the spare byte), and
+    whether a TAP frame may be read into it alone (``whole``: the header
+    fits its first buffer and the iovec list is within IOV_MAX)."""
 
-    __slots__ = ("bufs", "head", "iov", "size")
+    __slots__ = ("bufs", "head", "iov", "size", "whole")
 
-    def __init__(self, head: int, bufs: list[memoryview], size: int) -> None:
+    def __init__(self, head: int, bufs: list[memoryview], size: int, whole: bool) -> None:
         self.head = head
         self.bufs = bufs
         self.size = size
         self.iov = [*bufs, _SPARE]
+        self.whole = whole
 
 
 class RxRound:
@@ -105,6 +108,9 @@ class RxRound:
         self.frames = self.nbytes = 0
         self._grab = 1  # chains per refill, doubled each time
         self._left = RX_BURST  # frames this round may still deliver
+        link = pair.link
+        self._tap = link.vnet_hdr  # frames come with their header (TAP)
+        self._recv, self._index = link.recv, pair.index
 
     def run(self) -> bool:
         """Deliver up to RX_BURST frames; whether anything was pushed."""
@@ -137,11 +143,10 @@ class RxRound:
         need = cfg.rx_need if mrg else 1
         if self.capacity < need:
             self._fill(need)
-        if not self.chains:
-            return Outcome.STARVED
+            if not self.chains:
+                return Outcome.STARVED
         first = self.chains[0]
-        if (self.pair.link.vnet_hdr and (first.size >= need or not mrg)
-                and len(first.bufs[0]) >= cfg.hdr_len and len(first.iov) <= IOV_MAX):
+        if first.whole and (first.size >= need or not mrg):
             return self._receive_whole(first)
         if (mrg and self.capacity < need and not self.blocked
                 and self.descriptors < self.queue.size):
@@ -151,7 +156,7 @@ class RxRound:
     def _receive_whole(self, first: Posted) -> Outcome:
         """A TAP frame into the first chain alone, its header patched in place."""
         try:
-            n = self.pair.link.recv(self.pair.index, first.iov)
+            n = self._recv(self._index, first.iov)
         except (BlockingIOError, LinkChanged, OSError) as exc:
             return self._recv_failed(exc)
         cfg = self.cfg
@@ -274,7 +279,7 @@ class RxRound:
             self._stash(batch)
 
     def _stash(self, batch: list[DescriptorChain | ChainError]) -> None:
-        hdr_len = self.cfg.hdr_len
+        hdr_len, tap = self.cfg.hdr_len, self._tap
         for i, chain in enumerate(batch):
             if isinstance(chain, ChainError):
                 why = str(chain)
@@ -282,7 +287,8 @@ class RxRound:
                 bufs = chain.writable
                 size = sum(len(b) for b in bufs) if len(bufs) != 1 else len(bufs[0])
                 if not chain.readable and size >= hdr_len:
-                    self.chains.append(Posted(chain.head, bufs, size))
+                    whole = tap and len(bufs[0]) >= hdr_len and len(bufs) < IOV_MAX
+                    self.chains.append(Posted(chain.head, bufs, size, whole))
                     self.capacity += size
                     self.descriptors += len(bufs)
                     continue
