@@ -3,13 +3,23 @@
 Owns only the dispatch.  Each program keeps its own options and behaviour in
 its package (``dvmm backend blk`` is :mod:`dvmm_blk.main`, ``dvmm guest`` is
 :mod:`dvmm_core.guest.build`, ``dvmm bench`` is :mod:`dvmm_bench.cli`).
+
+Subcommands are registered by name (:data:`COMMANDS`): only the module of
+the program being run is imported and only its parser is built; every other
+command is a bare entry with its one-line help, which is all ``dvmm --help``
+shows.  So ``dvmm run`` never imports the benchmarks, the guest builder, the
+control clients or the backends (start-up to the first guest instruction is
+a benchmark: ``dvmm bench core``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from dvmm_shared.cli import run_main
 
@@ -20,50 +30,86 @@ memory and serves its virtqueues itself.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dvmm_bench import cli as bench_cli
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``register(sub)`` in ``module`` adds its full parser
+    (and may add sibling commands, as :mod:`.control_cli` does)."""
+
+    name: str
+    help: str
+    module: str
+    register: str = "add_parser"
+
+    def add_full(self, sub: Any) -> None:
+        getattr(importlib.import_module(self.module), self.register)(sub)
+
+
+COMMANDS = (
+    Command("backend", "run a device backend process", "dvmm_core.cli", "add_backend_parser"),
+    Command("guest", "the Linux test guest (kernel + initramfs)", "dvmm_core.guest.build"),
+    Command("run", "run a virtual machine", "dvmm_core.run"),
+    Command("demo", "run the built-in default VM", "dvmm_core.demo_vm"),
+    Command("demo-disk", "write the demo boot disk (int 13h reads + checksum on COM1)",
+            "dvmm_core.boot.demo"),
+    Command("events", "print a VM's event stream", "dvmm_core.control_cli", "add_parsers"),
+    Command("status", "show a VM's backends: state, restarts, RSS, CPU, I/O",
+            "dvmm_core.control_cli", "add_parsers"),
+    Command("fault", "inject a fault into one backend", "dvmm_core.control_cli",
+            "add_parsers"),
+    Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
+)
+
+
+def add_backend_parser(sub: Any) -> None:
+    """``dvmm backend blk|net|display``: the backends' own parsers, under one command."""
     from dvmm_blk import main as blk_main
     from dvmm_display import main as display_main
     from dvmm_net import main as net_main
 
-    from . import control_cli, demo_vm, run
-    from .boot import demo as demo_disk
-    from .guest import build as guest_build
-
-    parser = argparse.ArgumentParser(prog="dvmm", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
     backend = sub.add_parser("backend", help="run a device backend process",
                              description="Run one device backend (a vhost-user server).")
     kinds = backend.add_subparsers(dest="kind", metavar="KIND", required=True)
-    blk = kinds.add_parser("blk", help="virtio-blk backend over a disk image",
-                           description=blk_main.DESCRIPTION, epilog=blk_main.EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    blk_main.add_arguments(blk)
-    blk.set_defaults(func=blk_main.run)
-    net = kinds.add_parser("net", help="virtio-net backend on a TAP or a VM-to-VM link",
-                           description=net_main.DESCRIPTION, epilog=net_main.EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    net_main.add_arguments(net)
-    net.set_defaults(func=net_main.run)
-    display = kinds.add_parser("display", help="display process: VNC server, virtio-gpu",
-                               description=display_main.DESCRIPTION,
-                               epilog=display_main.EPILOG,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    display_main.add_arguments(display)
-    display.set_defaults(func=display_main.run)
+    for kind, program, text in (
+            ("blk", blk_main, "virtio-blk backend over a disk image"),
+            ("net", net_main, "virtio-net backend on a TAP or a VM-to-VM link"),
+            ("display", display_main, "display process: VNC server, virtio-gpu")):
+        p = kinds.add_parser(kind, help=text, description=program.DESCRIPTION,
+                             epilog=program.EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        program.add_arguments(p)
+        p.set_defaults(func=program.run)
 
-    guest_build.add_parser(sub)
-    run.add_parser(sub)
-    demo_vm.add_parser(sub)
-    demo_disk.add_parser(sub)
-    control_cli.add_parsers(sub)
-    bench_cli.add_parser(sub)
+
+def chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first non-option word)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+        if word == "--":
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``dvmm`` parser with the full parser of the command in ``argv`` only
+    (``argv=None``: of every command, for tools and tests)."""
+    parser = argparse.ArgumentParser(prog="dvmm", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    name = None if argv is None else chosen(argv)
+    want = {(c.module, c.register) for c in COMMANDS if argv is None or c.name == name}
+    for cmd in COMMANDS:
+        key = (cmd.module, cmd.register)
+        if key not in want:
+            sub.add_parser(cmd.name, help=cmd.help, add_help=False)
+        elif cmd.name not in sub.choices:  # a module may register its siblings too
+            cmd.add_full(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(argv).parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     wrap = getattr(args, "wrap", None)
     if wrap is not None:

@@ -12,6 +12,12 @@ Owns two ZeroMQ endpoints in the VM's runtime directory (see
   ``fault`` (process faults through the supervisor: kill, stop, cont,
   restart).
 
+The endpoints open in :meth:`CoreControl.start`, which the machine calls
+once its vCPUs run: ZeroMQ (its import, a context with an I/O thread, two
+binds, the REP thread) costs ~10-20 ms that the first guest instruction
+does not wait for.  Events emitted before that wait in a buffer and are
+published, with their original timestamps, when the publisher opens.
+
 It does not own the backends' own command endpoints (each backend serves
 ``ipc://RUNTIME/NAME.ctl``; ``dvmm status`` and ``dvmm fault`` talk to them
 directly) nor the meaning of any event (the sources decide that).
@@ -21,20 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from dvmm_shared.control import (
-    CommandServer,
-    ControlError,
-    EventPublisher,
-    events_endpoint,
-    runtime_endpoint,
-)
+from typing import TYPE_CHECKING, Any
 
 from .supervisor import Supervisor, SupervisorError
-from .vhost_user_frontend import VhostUserLink
+
+if TYPE_CHECKING:
+    from dvmm_shared.control import CommandServer, EventPublisher
+
+    from .vhost_user_frontend import VhostUserLink
 
 log = logging.getLogger("dvmm.control")
 
@@ -48,18 +51,52 @@ class CoreControl:
         self._links = links
         self._vm_state = vm_state
         self._started = time.monotonic()
-        runtime = supervisor.runtime_dir
-        self.publisher = EventPublisher(events_endpoint(runtime))
+        self.publisher: EventPublisher | None = None
+        self.server: CommandServer | None = None
+        # Events before start(), with their time; the lock keeps their order.
+        self._early: list[tuple[str, dict[str, Any], float]] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Open ``events`` and ``core.ctl``; publish what happened before.
+        Raises ``dvmm_shared.control.ControlError`` if they cannot be bound."""
+        from dvmm_shared.control import (
+            CommandServer,
+            EventPublisher,
+            events_endpoint,
+            runtime_endpoint,
+        )
+
+        runtime = self.supervisor.runtime_dir
+        with self._lock:
+            publisher = EventPublisher(events_endpoint(runtime))
+            early, self._early = self._early, []
+            for event, fields, ts in early:
+                publisher.publish(event, **{**fields, "ts": ts})
+            self.publisher = publisher
         self.server = CommandServer(runtime_endpoint(runtime, "core"), {
             "status": self._status,
-            "events": lambda req: {"events": list(self.publisher.history)},
+            "events": lambda req: {"events": self.history()},
             "fault": self._fault,
         })
         self.server.start()
 
     def emit(self, event: str, fields: dict[str, Any]) -> None:
-        msg = self.publisher.publish(event, **fields)
+        with self._lock:
+            if self.publisher is None:
+                if not self._closed:
+                    self._early.append((event, dict(fields), time.time()))
+                return
+            msg = self.publisher.publish(event, **fields)
         log.debug("event %s", msg)
+
+    def history(self) -> list[dict[str, Any]]:
+        """The events published so far (the publisher keeps the last 1000)."""
+        with self._lock:
+            if self.publisher is None:
+                return [{"event": e, "ts": ts, **f} for e, f, ts in self._early]
+            return list(self.publisher.history)
 
     # -- commands -----------------------------------------------------------
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +120,8 @@ class CoreControl:
                 "backends": backends}
 
     def _fault(self, request: dict[str, Any]) -> dict[str, Any]:
+        from dvmm_shared.control import ControlError
+
         name, action = request.get("name"), request.get("action")
         if not isinstance(name, str) or not isinstance(action, str):
             raise ControlError("fault needs 'name' and 'action' strings")
@@ -94,5 +133,10 @@ class CoreControl:
         return {"name": name, "action": action, "pid": backend.pid}
 
     def close(self) -> None:
-        self.server.close()
-        self.publisher.close()
+        if self.server is not None:
+            self.server.close()
+        with self._lock:
+            publisher, self.publisher = self.publisher, None
+            self._early, self._closed = [], True
+        if publisher is not None:
+            publisher.close()

@@ -111,6 +111,8 @@ def run_firmware_demo(disk: DemoDisk, cpus: int, timeout: float,
         why = machine.run()
     finally:
         machine.shutdown()
+    if why not in ("stop", "shutdown") and machine.failure:
+        why = f"{why}: {machine.failure}"
     return _report(disk, seen.decode(errors="replace"), why, outages, kills)
 
 
@@ -139,7 +141,7 @@ def _kill_backend(machine: Machine, booted: threading.Event, done: threading.Eve
         deadline = time.monotonic() + 30
         while link.restores < n and time.monotonic() < deadline and not done.is_set():
             time.sleep(0.005)
-        restores = [e for e in list(machine.control.publisher.history)
+        restores = [e for e in machine.control.history()
                     if e["event"] == "device-restored"]
         if len(restores) >= n:
             outages.append(float(restores[n - 1]["outage_ms"]))

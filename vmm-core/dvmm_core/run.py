@@ -5,6 +5,11 @@ the serial console plumbing (stdio, a file, or nothing), start-up checks
 that fail with one line (no /dev/kvm, missing files, too much memory, a
 socket nobody listens on), and the process conventions: SIGTERM/SIGINT stop
 the VM and its backends cleanly; no daemonizing.
+
+It imports only what reaching the first guest instruction needs (``python
+-X importtime -m dvmm_core.cli run ...`` shows it): no psutil (free memory
+comes from /proc/meminfo), no ZeroMQ (the control plane opens after the
+first instruction), no Linux boot code unless ``--kernel``.
 """
 
 from __future__ import annotations
@@ -14,19 +19,14 @@ import logging
 import os
 import re
 import signal
-import termios
 import threading
-import tty
 from collections.abc import Callable
 
-import psutil
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
-from dvmm_shared.control import ControlError
 
-from .kvm import KvmError, probe_host
+from .kvm.ioctls import KvmError
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
 from .supervisor import RestartPolicy, RestartSpec, SupervisorError
-from .vhost_user_frontend import LinkDown
 
 log = logging.getLogger("dvmm.run")
 
@@ -201,10 +201,20 @@ def backend_log_args(args: argparse.Namespace) -> list[str]:
     return ["-v"] if args.verbose > 1 else []
 
 
-def check_memory(size: int) -> None:
-    """Refuse RAM the host cannot give rather than die on the first touch."""
-    avail = psutil.virtual_memory().available + psutil.swap_memory().free
-    if size > avail:
+def check_memory(size: int, meminfo: str = "/proc/meminfo") -> None:
+    """Refuse RAM the host cannot give rather than die on the first touch
+    (what psutil reports as available memory plus free swap)."""
+    fields: dict[str, int] = {}
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "SwapFree"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return  # cannot tell: let the allocation decide
+    avail = fields.get("MemAvailable", 0) + fields.get("SwapFree", 0)
+    if "MemAvailable" in fields and size > avail:
         raise UsageError(f"--memory {size >> 20} MiB is more than the host can give "
                          f"({avail >> 20} MiB available)")
 
@@ -252,6 +262,9 @@ class Console:
         self.machine = machine
         self._saved: list[object] | None = None
         if os.isatty(0):
+            import termios
+            import tty
+
             self._saved = termios.tcgetattr(0)
             tty.setraw(0)
         threading.Thread(target=self._loop, name="console", daemon=True).start()
@@ -274,6 +287,8 @@ class Console:
 
     def close(self) -> None:
         if self._saved is not None:
+            import termios
+
             termios.tcsetattr(0, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
 
 
@@ -297,21 +312,26 @@ def run(args: argparse.Namespace) -> int:
             console.close()
         machine.shutdown(why)
         close_sink()
+    if why == "start-failed":  # a backend never came up: a start-up error, one line
+        raise UsageError(machine.failure)
     log.info("stopped (%s)", why)
     return 0 if why in ("stop", "shutdown") else 1
 
 
 def start_machine(cfg: MachineConfig, prepare: Callable[[Machine], None] | None = None
                   ) -> Machine:
-    """Build and start the machine; every start-up failure becomes one line."""
-    from .boot.direct import prepare_linux
-
+    """Build and start the machine; every start-up failure becomes one line
+    (a backend that fails after the vCPUs started ends ``Machine.run`` with
+    ``start-failed``; ``run`` reports it the same way)."""
+    if prepare is None and cfg.kernel:
+        from .boot.direct import prepare_linux
+        prepare = prepare_linux
     machine: Machine | None = None
     try:
         machine = Machine(cfg)
-        machine.start(prepare or (prepare_linux if cfg.kernel else None))
+        machine.start(prepare)
         return machine
-    except (KvmError, MachineError, SupervisorError, LinkDown, ControlError) as exc:
+    except (KvmError, MachineError, SupervisorError) as exc:
         if machine is not None:
             machine.shutdown()
         raise UsageError(str(exc)) from None
@@ -322,6 +342,8 @@ def start_machine(cfg: MachineConfig, prepare: Callable[[Machine], None] | None 
 
 
 def warn_if_no_hw_kvm() -> None:
+    from .kvm import probe_host
+
     result = probe_host()
     if not result.hardware_speed:
         log.warning("%s", result.reason)

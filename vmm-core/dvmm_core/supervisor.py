@@ -20,7 +20,8 @@ Children get ``PR_SET_PDEATHSIG`` so they never outlive the core.  The
 signal follows the *thread* that forked, so every restart and standby is
 spawned by one long-lived timer thread, never by the short-lived watchers.
 Children are stopped with SIGTERM (then SIGKILL after a grace period) when
-the core shuts down.  psutil reports their RSS and CPU time.
+the core shuts down.  psutil reports their RSS and CPU time (imported on
+the first ``dvmm status``, not at start-up).
 
 Every change is reported through ``on_event(event, fields)`` (the core
 publishes it on the ZeroMQ event stream): ``backend-started``,
@@ -33,21 +34,18 @@ import heapq
 import itertools
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
-from dvmm_shared.procs import die_with_parent
+if TYPE_CHECKING:  # imported when the first backend starts (a VM may have none)
+    import subprocess
 
 log = logging.getLogger("dvmm.supervisor")
 
@@ -56,6 +54,10 @@ STOP_GRACE = 5.0
 #: work (~200 ms of CPU) should not compete with the first moments of the
 #: restarted backend, which replays the device and the requests in flight.
 STANDBY_DELAY = 0.25
+
+#: How often a starting backend's socket is looked for: the guest may be
+#: waiting for the device (its first access waits for its backend).
+SOCKET_POLL = 0.002
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -147,6 +149,8 @@ class Backend:
 
     def usage(self) -> dict[str, float]:
         """RSS (bytes) and CPU seconds of the running process."""
+        import psutil
+
         try:
             p = psutil.Process(self.pid)
             cpu = p.cpu_times()
@@ -174,16 +178,29 @@ def describe_returncode(rc: int | None) -> str:
     return f"exited with status {rc}"
 
 
+def make_runtime_dir() -> str:
+    """A new private directory ``dvmm-<pid>-<random>`` in ``$XDG_RUNTIME_DIR``
+    (else ``$TMPDIR``, else /tmp): the core's pid in the name lets ``dvmm
+    status --pid N`` find the VM.  (What ``tempfile.mkdtemp`` does, without
+    importing tempfile at start-up.)"""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    for _ in range(100):
+        path = os.path.join(base, f"dvmm-{os.getpid()}-{os.urandom(6).hex()}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free runtime directory name in {base}")
+
+
 class Supervisor:
     """Spawns backends with sockets in a private runtime directory, restarts
     them by their policy."""
 
     def __init__(self, on_exit: Callable[[Backend], None] | None = None,
                  runtime_dir: str | None = None, on_event: EventSink | None = None) -> None:
-        base = os.environ.get("XDG_RUNTIME_DIR") or None
-        # The core's pid in the name lets `dvmm status --pid N` find the VM.
-        self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix=f"dvmm-{os.getpid()}-",
-                                                           dir=base)
+        self.runtime_dir = runtime_dir or make_runtime_dir()
         os.chmod(self.runtime_dir, 0o700)
         self._own_dir = runtime_dir is None
         self.backends: list[Backend] = []
@@ -254,6 +271,10 @@ class Supervisor:
 
     def _popen(self, backend: Backend, argv: list[str],
                pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+        import subprocess
+
+        from dvmm_shared.procs import die_with_parent
+
         try:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds,
                                     preexec_fn=die_with_parent(signal.SIGTERM))
@@ -283,10 +304,12 @@ class Supervisor:
             os.close(spare[1])  # EOF: the standby exits 0
             spare[0].wait()
 
-    def wait_for_socket(self, backend: Backend, timeout: float = 15.0) -> None:
-        """Wait until the backend listens, or fail if it exits first."""
+    def wait_for_socket(self, backend: Backend, timeout: float = 15.0,
+                        cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait until the backend listens, or fail if it exits first (or
+        return early once ``cancelled()``)."""
         deadline = time.monotonic() + timeout
-        while not os.path.exists(backend.socket):
+        while not os.path.exists(backend.socket) and not cancelled():
             if backend.proc is not None and backend.proc.poll() is not None:
                 backend.returncode = backend.proc.returncode
                 raise SupervisorError(f"backend {backend.name} {backend.describe_exit()} "
@@ -294,7 +317,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise SupervisorError(f"backend {backend.name} did not listen on "
                                       f"{backend.socket} within {timeout:.0f} s")
-            time.sleep(0.02)
+            time.sleep(SOCKET_POLL)
 
     # -- exits and restarts ---------------------------------------------------
     def _watch(self, backend: Backend, proc: subprocess.Popen[bytes]) -> None:
@@ -436,6 +459,8 @@ class Supervisor:
             assert b.proc is not None
             b.proc.send_signal(signal.SIGCONT)  # a stopped (hung) child cannot die
             b.proc.send_signal(signal.SIGTERM)
+        import subprocess
+
         deadline = time.monotonic() + STOP_GRACE
         for b in live:
             assert b.proc is not None
@@ -446,4 +471,6 @@ class Supervisor:
                 b.proc.kill()
                 b.proc.wait()
         if self._own_dir:
+            import shutil
+
             shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -461,7 +461,7 @@ def _connect_retry(path: str, timeout: float) -> Connection:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if time.monotonic() >= deadline:
                 raise LinkDown(f"nobody listens on {path}: {exc.strerror}") from None
-            time.sleep(0.05)
+            time.sleep(0.005)  # a backend binds, then listens: a guest access may wait
         except (TimeoutError, OSError) as exc:
             raise LinkDown(f"cannot connect to {path}: {os.strerror(exc.errno or 0)}") from None
 

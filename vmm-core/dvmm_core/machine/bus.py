@@ -5,6 +5,12 @@ the offset into its range; an access nobody claims reads as all ones and a
 write to it is dropped, each logged once per address so a chatty guest
 cannot flood the log.  Devices see plain integers of 1, 2, 4 (or 8 for
 MMIO) bytes.
+
+Dispatch is on every guest exit (``kvm.runner``), so it is one dict lookup:
+each address the guest has used maps to ``(base, read, write)`` of its
+device; a miss searches the sorted ranges (bisect) and fills the entry.
+(Un)registering a range empties the cache.  The cache is bounded: a guest
+sweeping MMIO addresses costs a bisect per access, never memory.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +34,11 @@ class BusDevice(Protocol):
 
 class BusError(Exception):
     """A registration that overlaps an existing range."""
+
+
+#: Cached addresses per bus (a PC's port space is 64 Ki; MMIO BARs are 4-16 KiB).
+CACHE_LIMIT = 8192
+_Hit = tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class Bus:
         self._ranges: list[_Range] = []
         self._bases: list[int] = []
         self._logged: set[tuple[str, int]] = set()
+        self._hits: dict[int, _Hit] = {}
         # vCPU threads dispatch concurrently; device models are simple and
         # not re-entrant, so accesses are serialised per bus.
         self.lock = threading.Lock()
@@ -57,11 +70,13 @@ class Bus:
                                f"overlaps {r.name} at {r.base:#x}+{r.length:#x}")
         self._ranges.insert(i, _Range(base, length, device, name or type(device).__name__))
         self._bases.insert(i, base)
+        self._hits = {}
 
     def unregister(self, base: int) -> None:
         i = bisect.bisect_left(self._bases, base)
         if i < len(self._bases) and self._bases[i] == base:
             del self._ranges[i], self._bases[i]
+            self._hits = {}
 
     def find(self, addr: int) -> _Range | None:
         i = bisect.bisect_right(self._bases, addr) - 1
@@ -71,21 +86,32 @@ class Bus:
                 return r
         return None
 
-    def read(self, addr: int, size: int) -> int:
+    def _lookup(self, addr: int) -> _Hit | None:
+        """The cache miss: find the range, remember it for ``addr``."""
         r = self.find(addr)
         if r is None:
+            return None
+        hit = (r.base, r.device.read, r.device.write)
+        hits = self._hits
+        if len(hits) < CACHE_LIMIT:
+            hits[addr] = hit
+        return hit
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self._hits.get(addr) or self._lookup(addr)
+        if hit is None:
             self._log_once("read", addr, size)
             return (1 << (8 * size)) - 1
         with self.lock:
-            return r.device.read(addr - r.base, size) & ((1 << (8 * size)) - 1)
+            return hit[1](addr - hit[0], size) & ((1 << (8 * size)) - 1)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        r = self.find(addr)
-        if r is None:
+        hit = self._hits.get(addr) or self._lookup(addr)
+        if hit is None:
             self._log_once("write", addr, size, value)
             return
         with self.lock:
-            r.device.write(addr - r.base, size, value)
+            hit[2](addr - hit[0], size, value)
 
     def _log_once(self, kind: str, addr: int, size: int, value: int | None = None) -> None:
         if (kind, addr) in self._logged:

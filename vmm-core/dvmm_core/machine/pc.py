@@ -13,6 +13,14 @@ Owns putting the parts together and the machine's lifecycle:
 * backends are restarted by the supervisor (their restart policy) and their
   links reconnect on their own; what happens is published on the control
   plane (:class:`CoreControl`), which also answers ``dvmm status|fault``.
+
+Start-up order (:meth:`Machine.start`, issue 9): spawn the backends, create
+the VM instance, start the vCPUs -- the first guest instruction -- and only
+then connect the backends (``vhost_devices``: a device's first access waits
+for its backend) and open the control plane (its events wait in a buffer
+until then).  Nothing the first instruction does not need is imported
+before it: the vhost-user stack, the virtio-pci transport, ZeroMQ and
+psutil are imported on first use.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import os
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvmm_shared.memory import GuestMemory, Region, RegionSpec, buffer_address
 from dvmm_shared.virtio import VirtioDeviceId
@@ -31,9 +39,6 @@ from dvmm_shared.virtio import VirtioDeviceId
 from ..core_control import CoreControl
 from ..kvm import Kvm, Vcpu, VcpuRunner, Vm
 from ..supervisor import Backend, RestartPolicy, RestartSpec, Supervisor
-from ..vhost_user_frontend import RamRegion, VhostUserLink
-from ..virtio_pci.device import VirtioPciDevice
-from ..virtio_pci.transport import VirtioTransport
 from .bus import Bus
 from .cmos import Cmos
 from .e820 import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RamLayout
@@ -44,6 +49,11 @@ from .irq import IrqRouter
 from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
 from .platform import DebugCon, FastA20, PostCode, ResetControl
 from .serial import Serial
+from .vhost_devices import PendingFunction, VhostDevice
+
+if TYPE_CHECKING:
+    from ..vhost_user_frontend import RamRegion, VhostUserLink
+    from ..virtio_pci.device import VirtioPciDevice
 
 log = logging.getLogger("dvmm.machine")
 
@@ -131,6 +141,8 @@ class GuestRam:
         self.mem = GuestMemory(self.regions)
 
     def ram_regions(self) -> list[RamRegion]:
+        from ..vhost_user_frontend import RamRegion
+
         return [RamRegion(r.guest_addr, r.size, r.user_addr, self.fd, r.mmap_offset)
                 for r in self.regions]
 
@@ -177,20 +189,26 @@ class Machine:
         self.bios = self._load_firmware(cfg.firmware) if cfg.firmware else None
         self.router = IrqRouter(None)
         self.pump = IntxPump()
-        self.supervisor = Supervisor(on_exit=self._backend_exited, on_event=self._on_event)
+        self.supervisor = Supervisor(on_exit=self._backend_exited, on_event=self.publish)
         self.links: dict[str, VhostUserLink] = {}
+        self.devices: list[VhostDevice] = []
         self.state = "starting"
+        self.failure = ""  # the detail of the event that ended run()
         self.control = CoreControl(self.supervisor, lambda: list(self.links.values()),
                                    lambda: self.state)
         self.vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.runners: list[VcpuRunner] = []
         self.pci = PciBus()
-        self.virtio: list[VirtioPciDevice] = []
         self._roms: set[str] = set()
         self._build_platform()
         self.fw_cfg = self._build_fw_cfg()
         self.resets = 0
+
+    @property
+    def virtio(self) -> list[VirtioPciDevice]:
+        """The virtio-pci functions whose backends are up (see ``vhost_devices``)."""
+        return [d.function for d in self.devices if d.function is not None]
 
     # -- construction ---------------------------------------------------------
     def _build_platform(self) -> None:
@@ -249,7 +267,10 @@ class Machine:
     def _add_vhost_device(self, name: str, device_type: int, module: str, args: list[str],
                           socket: str | None, config_size: int,
                           policy: RestartPolicy | None) -> None:
-        """Spawn (or reach) the backend, connect, and plug a virtio-pci function."""
+        """Spawn the backend (or note the socket) and reserve the device's PCI
+        slot; the link and the function come up beside the guest (see
+        ``vhost_devices``: the device's first access waits for its backend)."""
+        backend = None
         if socket is None:
             restart = self.cfg.restart if policy is None else replace(self.cfg.restart,
                                                                        policy=policy)
@@ -257,19 +278,11 @@ class Machine:
                                                    [*args, *self.cfg.backend_args],
                                                    restart=restart, control=True,
                                                    standby=self.cfg.standby)
-            self.supervisor.wait_for_socket(backend)
-            socket = backend.socket
-            wait = 10.0  # a backend we started may still be creating its socket
-        else:
-            wait = 0.0   # an external one listens already, or it is a config error
-        link = VhostUserLink(name, socket, self.ram.ram_regions(), config_size=config_size,
-                             mem=self.ram.mem, on_event=self._on_event)
-        link.connect(timeout=wait)
-        self.links[name] = link
-        transport = VirtioTransport(name, link, self.router, self, self.pump)
-        device = VirtioPciDevice(device_type, transport, self.mmio)
-        self.pci.add(FIRST_PCI_SLOT + len(self.virtio), device)
-        self.virtio.append(device)
+        device = VhostDevice(self, name, device_type, config_size, socket=socket,
+                             backend=backend)
+        slot = FIRST_PCI_SLOT + len(self.devices)
+        self.pci.add(slot, PendingFunction(device, self.pci, slot))
+        self.devices.append(device)
 
     def _add_pxe_rom(self) -> None:
         """iPXE for virtio-net, offered the way SeaBIOS looks for a device's
@@ -348,6 +361,12 @@ class Machine:
         self.vm, self.vcpus, self.runners = None, [], []
 
     # -- proxies the devices use ------------------------------------------------
+    def ram_regions(self) -> list[RamRegion]:
+        return self.ram.ram_regions()
+
+    def guest_memory(self) -> GuestMemory:
+        return self.ram.mem
+
     def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
                   datamatch: int | None = None, deassign: bool = False) -> None:
         if self.vm is not None:
@@ -359,6 +378,8 @@ class Machine:
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, prepare_boot: Callable[[Machine], None] | None = None) -> None:
+        """Backends spawned, VM created, vCPUs running; then the links and the
+        control plane (see the module doc for why in this order)."""
         for i, disk in enumerate(self.cfg.disks):
             self.add_disk(disk, i)
         for i, net in enumerate(self.cfg.nets):
@@ -369,6 +390,14 @@ class Machine:
         for runner in self.runners:
             runner.start()
         self.state = "running"
+        for device in self.devices:
+            device.begin()
+        from dvmm_shared.control import ControlError
+
+        try:
+            self.control.start()
+        except ControlError as exc:
+            raise MachineError(str(exc)) from None
         log.info("machine started: %d MiB, %d vCPU(s), %d disk(s), %d NIC(s)",
                  self.cfg.memory >> 20, self.cfg.cpus, len(self.cfg.disks),
                  len(self.cfg.nets))
@@ -384,8 +413,10 @@ class Machine:
             elif kind == "backend-exit":
                 continue
             else:
-                level = logging.INFO if kind in ("stop", "shutdown") else logging.ERROR
-                log.log(level, "machine %s: %s", kind, detail)
+                self.failure = detail
+                if kind != "start-failed":  # the caller reports that one, as at start
+                    level = logging.INFO if kind in ("stop", "shutdown") else logging.ERROR
+                    log.log(level, "machine %s: %s", kind, detail)
                 return kind
 
     def request_stop(self, why: str) -> None:
@@ -394,7 +425,7 @@ class Machine:
     def reset(self, why: str) -> None:
         log.info("resetting the machine (%s)", why)
         self.resets += 1
-        self._on_event("guest-reset", {"reason": why, "resets": self.resets})
+        self.publish("guest-reset", {"reason": why, "resets": self.resets})
         for runner in self.runners:
             runner.stop()
         # Devices first, while the old VM still exists to undo their ioeventfds.
@@ -421,7 +452,11 @@ class Machine:
     def _backend_exited(self, backend: Backend) -> None:
         self.events.put(("backend-exit", f"{backend.name} {backend.describe_exit()}"))
 
-    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
+    def start_failed(self, reason: str) -> None:
+        """A device's backend never came up (on its connector thread)."""
+        self.events.put(("start-failed", reason))
+
+    def publish(self, event: str, fields: dict[str, Any]) -> None:
         """Every supervisor and link event: published; a backend given up
         takes its device offline for good."""
         self.control.emit(event, fields)
@@ -432,12 +467,13 @@ class Machine:
 
     def shutdown(self, why: str = "shutdown") -> None:
         self.state = "stopping"
+        for device in self.devices:
+            device.cancel()  # first: a vCPU may be waiting for a backend
         self._destroy_instance()
-        for device in self.virtio:
-            device.transport.link.close()
-            device.transport.close()
+        for device in self.devices:
+            device.close()
         self.supervisor.stop_all()
-        self._on_event("vm-stopped", {"reason": why})
+        self.publish("vm-stopped", {"reason": why})
         self.control.close()
         self.pump.close()
         self.kvm.close()

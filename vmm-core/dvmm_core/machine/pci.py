@@ -438,6 +438,14 @@ class PciBus:
         device.capture_power_on_state()
         self._devices[slot] = device
 
+    def replace(self, slot: int, device: PciDevice) -> None:
+        """Put ``device`` in the occupied ``slot`` (a placeholder's successor,
+        see ``vhost_devices.PendingFunction``)."""
+        if slot not in self._devices:
+            raise ValueError(f"PCI slot {slot} is empty")
+        device.capture_power_on_state()
+        self._devices[slot] = device
+
     def get(self, slot: int) -> PciDevice | None:
         return self._devices.get(slot)
 
