@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dvmm_net.header import HDR_LEN, VirtioNetHdr
 from dvmm_net.rx import RX_BURST
+from dvmm_net.tx import TX_BURST
 from dvmm_shared.driver import Buf, DriverQueue, ring_layout
 from dvmm_shared.inflight import InflightRegion
 from dvmm_shared.memory import GuestMemory, buffer_address
@@ -151,7 +152,7 @@ def test_a_transmit_burst_keeps_ring_order_across_paths(tmp_path: Path) -> None:
     features = MRG | bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4)
     with rig(tmp_path, features) as r:
         vm, ring = r.vm, r.ring(TX)
-        plain = [VirtioNetHdr().pack() + frame(60 + i, i) for i in range(6)]
+        plain = [VirtioNetHdr().pack() + frame(60 + i, i) for i in range(6 + TX_BURST)]
         gso = VirtioNetHdr(flags=1, gso_type=VIRTIO_NET_HDR_GSO_TCPV4, hdr_len=54,
                            gso_size=1448, csum_start=34, csum_offset=16).pack() + frame(3000)
         bad = vm.alloc(16, align=16)

@@ -7,8 +7,12 @@ kernel then checksums and segments), without it to a link of bare frames.
 Every chain is returned with a used length of 0 (the device writes nothing
 into transmit buffers).
 
-Chains are taken in bursts (:meth:`SplitQueue.pop_batch`) and returned in
-one :meth:`SplitQueue.push_batch` per burst.  The common chain, one
+Chains are taken in bursts of :data:`TX_BURST` (:meth:`SplitQueue.pop_batch`)
+and each burst is returned before the next is taken, through the host's
+``complete`` (one used entry and in-flight retirement at a time, the driver
+signalled once per burst if it asks): the driver reclaims and refills
+while the device sends, instead of the two taking turns over a whole ring
+(measured: the bench's TX rate roughly doubled).  The common chain, one
 descriptor holding a header that asks for no offload (flags and gso_type
 0: 5.1.6.2.1 then imposes nothing on the other fields) and at least an
 Ethernet header, goes to the link without being parsed; anything else takes
@@ -41,29 +45,42 @@ from .stats import worth_logging
 
 log = logging.getLogger("dvmm.net")
 
-#: Chains taken per burst: a whole ring of the usual size, while a kick or
-#: a control message waits at most one burst.
-TX_BURST = 256
+#: Chains taken per burst.  Each burst's chains are returned (and the
+#: driver signalled, if it asks) before the next is taken, so a driver
+#: refills the ring while the device is still sending: device and driver
+#: overlap instead of taking turns over a whole ring.
+TX_BURST = 32
 
 
 def transmit(pair: QueuePair, queue: SplitQueue) -> bool:
-    """Serve a transmit ring; whether anything was pushed."""
+    """Serve a transmit ring until it is empty; whether anything was pushed
+    that the caller must still signal."""
     if pair.tx_blocked or not pair.tx_running:
         return False
-    pushed = False
+    unsignalled = False
     while True:
         batch = queue.pop_batch(TX_BURST)
         if not batch:
-            return pushed
+            return unsignalled
         used, sent = _send_batch(pair, batch)
         if used:
-            queue.push_batch(used)
-            pushed = True
+            unsignalled |= _publish(pair, queue, used)
         if sent < len(batch):  # the link is full: the rest goes back, newest first
             for chain in reversed(batch[sent:]):
                 queue.undo_pop(chain.head)
             pair.block_tx()
-            return pushed
+            return unsignalled
+
+
+def _publish(pair: QueuePair, queue: SplitQueue, used: list[tuple[int, int]]) -> bool:
+    """Return a burst's chains now, signalling the driver if it asks (the
+    host's ``complete``), so it can refill the ring while the next burst is
+    sent; True if they were only pushed (no host: the caller signals)."""
+    if pair.host is None:
+        queue.push_batch(used)
+        return True
+    pair.host.complete(pair.tx_queue, used)
+    return False
 
 
 def _send_batch(pair: QueuePair, batch: list[DescriptorChain | ChainError]
