@@ -30,9 +30,13 @@ from dvmm_core.supervisor import (
 )
 
 LISTENER = textwrap.dedent("""
-    import signal, socket, sys, time
+    import os, signal, socket, sys, time
     if "--ignore-term" in sys.argv:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.unlink(sys.argv[1])  # a killed predecessor's socket, as backends replace it
+    except FileNotFoundError:
+        pass
     s = socket.socket(socket.AF_UNIX)
     s.bind(sys.argv[1])
     s.listen()
