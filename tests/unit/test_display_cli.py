@@ -117,12 +117,14 @@ def test_virtio_gpu_queues_and_config(running: tuple[subprocess.Popen[bytes], Pa
         cfg = vm.frontend.get_config(0, CONFIG.size)
         assert CONFIG.unpack(cfg)[2] == 1  # num_scanouts
         ring = vm.rings[0]
-        req, resp = vm.alloc(CTRL_HDR.size), vm.alloc(CTRL_HDR.size)
+        req, resp = vm.alloc(CTRL_HDR.size), vm.alloc(CTRL_HDR.size + 16 * 24)
         vm.mem.write(req, CTRL_HDR.pack(0x0100, 0, 0, 0, 0))  # GET_DISPLAY_INFO
-        ring.queue.add([Buf(req, CTRL_HDR.size), Buf(resp, CTRL_HDR.size, write=True)])
+        ring.queue.add([Buf(req, CTRL_HDR.size), Buf(resp, CTRL_HDR.size + 16 * 24, write=True)])
         ring.kick_if_needed()
-        assert ring.wait_used()[0][1] >= CTRL_HDR.size
-        assert struct.unpack_from("<I", vm.mem.read(resp, 4))[0] != 0  # some response type
+        assert ring.wait_used()[0][1] == CTRL_HDR.size + 16 * 24
+        head = vm.mem.read(resp, CTRL_HDR.size + 24)
+        assert struct.unpack_from("<I", head)[0] == 0x1101  # OK_DISPLAY_INFO
+        assert struct.unpack_from("<IIII", head, CTRL_HDR.size)[2:] == (1024, 768)
 
 
 def test_standby_waits_then_runs(tmp_path: Path) -> None:

@@ -79,7 +79,9 @@ class DisplayCommands:
         host, port = self.server.address
         cfg = self.scanout.config
         return {
-            "gpu": asdict(self.device.stats),
+            "gpu": {**asdict(self.device.stats), "resources": len(self.device.table.resources),
+                    "resource_bytes": self.device.table.used,
+                    "scanout": self.device.table.presented() is not None},
             "vnc": {"host": host, "port": port, "clients": len(self.server.clients),
                     **asdict(self.server.stats)},
             "input": asdict(self.forwarder.stats),

@@ -1,13 +1,18 @@
 """The virtio-gpu device as a vhost-user backend (virtio 1.2 section 5.7).
 
 Owns what the device advertises (device id 16: a control queue and a
-cursor queue, ``struct virtio_gpu_config``) and what a request on either
-queue gets back.  Until the 2D command set is served here, every request
-is answered with ``VIRTIO_GPU_RESP_ERR_UNSPEC`` in a response header (5.7.6.7),
-so a driver that does use the queues sees a clean failure, not a hang.
+cursor queue, ``struct virtio_gpu_config``, VIRTIO_GPU_F_EDID) and serving
+one request: the readable bytes become a command (:mod:`.gpu_protocol`,
+pure), the command runs against the :class:`ResourceTable`
+(:mod:`.resources`), and the response header (with the request's fence,
+5.7.6.7) or the spec's error response goes into the writable part.  A bad
+request fails alone; the device keeps serving.  Cursor-queue requests get
+no response data (as QEMU's device does).  Requests are served in order
+and synchronously, so a fenced request's fence has signalled by the time
+its response is written.
 
-The connection also brings guest memory (SET_MEM_TABLE), which is what the
-ramfb scanout reads even when the machine has no virtio-gpu function:
+The connection also brings guest memory (SET_MEM_TABLE), which the ramfb
+scanout reads even when the machine has no virtio-gpu function:
 :meth:`GpuDevice.memory` is the current session's :class:`GuestMemory`.
 """
 
@@ -15,13 +20,42 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from dvmm_shared.chain import ChainShortError, ChainWriter
+from dvmm_shared.chain import ChainReader, ChainWriter
 from dvmm_shared.memory import GuestMemory
 from dvmm_shared.vhost_user.backend import BackendHost, VhostUserBackend
 from dvmm_shared.virtio import VIRTIO_F_VERSION_1, bit
 from dvmm_shared.virtqueue import DescriptorChain
+
+from .gpu_protocol import (
+    CTRL_HDR,
+    MAX_BACKING_ENTRIES,
+    MEM_ENTRY,
+    VIRTIO_GPU_F_EDID,
+    AttachBacking,
+    Command,
+    DetachBacking,
+    GetDisplayInfo,
+    GetEdid,
+    GpuError,
+    Header,
+    MoveCursor,
+    ResourceCreate2D,
+    ResourceFlush,
+    ResourceUnref,
+    Resp,
+    SetScanout,
+    TransferToHost2D,
+    UpdateCursor,
+    display_info,
+    edid_payload,
+    parse_command,
+    parse_header,
+    response,
+)
+from .resources import ResourceTable
 
 log = logging.getLogger("dvmm.display")
 
@@ -30,34 +64,45 @@ CONTROLQ, CURSORQ = 0, 1
 NUM_SCANOUTS = 1
 # struct virtio_gpu_config (5.7.4): events_read, events_clear, num_scanouts, num_capsets.
 CONFIG = struct.Struct("<IIII")
-# struct virtio_gpu_ctrl_hdr (5.7.6.7): type, flags, fence_id, ctx_id, ring_idx, padding.
-CTRL_HDR = struct.Struct("<IIQIB3x")
-VIRTIO_GPU_RESP_ERR_UNSPEC = 0x1200
+MAX_REQUEST = CTRL_HDR.size + 8 + MAX_BACKING_ENTRIES * MEM_ENTRY.size
 
 
 @dataclass
 class GpuStats:
     requests: int = 0
-    unsupported: int = 0
+    errors: int = 0
     short_chains: int = 0
+    cursor_updates: int = 0
+
+
+Result = tuple[Resp, bytes]
 
 
 class GpuDevice(VhostUserBackend):
-    """virtio-gpu over vhost-user; the session's memory feeds the scanout."""
+    """virtio-gpu over vhost-user; the session's memory feeds every scanout."""
 
     max_queue_size = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, size: tuple[int, int] = (1024, 768)) -> None:
         self.stats = GpuStats()
         self.events_read = 0
         self._host: BackendHost | None = None
+        self.table = ResourceTable(self.memory, num_scanouts=NUM_SCANOUTS, size=size)
+        self._handlers: dict[type, Callable[[Command], Result]] = {
+            GetDisplayInfo: self._display_info, GetEdid: self._edid,
+            ResourceCreate2D: self._create, ResourceUnref: self._unref,
+            SetScanout: self._set_scanout, ResourceFlush: self._flush,
+            TransferToHost2D: self._transfer, AttachBacking: self._attach,
+            DetachBacking: self._detach, UpdateCursor: self._update_cursor,
+            MoveCursor: self._move_cursor,
+        }
 
     @property
     def num_queues(self) -> int:
         return 2
 
     def features(self) -> int:
-        return bit(VIRTIO_F_VERSION_1)
+        return bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_GPU_F_EDID)
 
     def get_config(self, offset: int, size: int) -> bytes:
         data = CONFIG.pack(self.events_read, 0, NUM_SCANOUTS, 0)
@@ -78,13 +123,87 @@ class GpuDevice(VhostUserBackend):
         mem = getattr(self._host, "mem", None)
         return mem if isinstance(mem, GuestMemory) else None
 
+    # -- requests ----------------------------------------------------------------------
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         self.stats.requests += 1
-        self.stats.unsupported += 1
-        writer = ChainWriter(chain.writable)
-        try:
-            writer.write(CTRL_HDR.pack(VIRTIO_GPU_RESP_ERR_UNSPEC, 0, 0, 0, 0))
-        except ChainShortError:
-            self.stats.short_chains += 1
+        reader = ChainReader(chain.readable)
+        data = reader.read(min(reader.remaining, MAX_REQUEST))
+        hdr, resp, payload = self.serve(data, cursor_queue=queue_index == CURSORQ)
+        if queue_index == CURSORQ:
             return 0
-        return CTRL_HDR.size
+        out = response(hdr, resp, payload)
+        writer = ChainWriter(chain.writable)
+        if writer.remaining < len(out):
+            self.stats.short_chains += 1
+            log.debug("queue %d: %d-byte response does not fit %d bytes", queue_index,
+                      len(out), writer.remaining)
+            return 0
+        writer.write(out)
+        return len(out)
+
+    def serve(self, data: bytes, cursor_queue: bool = False) -> tuple[Header | None, Resp, bytes]:
+        """One request's bytes to (its header, the response type, the payload)."""
+        hdr: Header | None = None
+        try:
+            hdr = parse_header(data)
+            hdr, cmd = parse_command(data, cursor_queue)
+            resp, payload = self._handlers[type(cmd)](cmd)
+        except GpuError as exc:
+            self.stats.errors += 1
+            log.debug("gpu request %s: %s", hdr, exc)
+            return hdr, exc.resp, b""
+        return hdr, resp, payload
+
+    def _display_info(self, cmd: Command) -> Result:
+        return Resp.OK_DISPLAY_INFO, display_info(self.table.modes())
+
+    def _edid(self, cmd: Command) -> Result:
+        assert isinstance(cmd, GetEdid)
+        return Resp.OK_EDID, edid_payload(self.table.edid(cmd.scanout_id))
+
+    def _create(self, cmd: Command) -> Result:
+        assert isinstance(cmd, ResourceCreate2D)
+        self.table.create_2d(cmd.resource_id, cmd.format, cmd.width, cmd.height)
+        return Resp.OK_NODATA, b""
+
+    def _unref(self, cmd: Command) -> Result:
+        assert isinstance(cmd, ResourceUnref)
+        self.table.unref(cmd.resource_id)
+        return Resp.OK_NODATA, b""
+
+    def _set_scanout(self, cmd: Command) -> Result:
+        assert isinstance(cmd, SetScanout)
+        self.table.set_scanout(cmd.scanout_id, cmd.resource_id, cmd.rect)
+        return Resp.OK_NODATA, b""
+
+    def _flush(self, cmd: Command) -> Result:
+        assert isinstance(cmd, ResourceFlush)
+        self.table.flush(cmd.resource_id, cmd.rect)
+        return Resp.OK_NODATA, b""
+
+    def _transfer(self, cmd: Command) -> Result:
+        assert isinstance(cmd, TransferToHost2D)
+        self.table.transfer_to_host_2d(cmd.resource_id, cmd.rect, cmd.offset)
+        return Resp.OK_NODATA, b""
+
+    def _attach(self, cmd: Command) -> Result:
+        assert isinstance(cmd, AttachBacking)
+        self.table.attach_backing(cmd.resource_id, cmd.entries)
+        return Resp.OK_NODATA, b""
+
+    def _detach(self, cmd: Command) -> Result:
+        assert isinstance(cmd, DetachBacking)
+        self.table.detach_backing(cmd.resource_id)
+        return Resp.OK_NODATA, b""
+
+    def _update_cursor(self, cmd: Command) -> Result:
+        assert isinstance(cmd, UpdateCursor)
+        self.stats.cursor_updates += 1
+        self.table.update_cursor(cmd.pos.scanout_id, cmd.pos.x, cmd.pos.y, cmd.resource_id,
+                                 cmd.hot_x, cmd.hot_y)
+        return Resp.OK_NODATA, b""
+
+    def _move_cursor(self, cmd: Command) -> Result:
+        assert isinstance(cmd, MoveCursor)
+        self.table.move_cursor(cmd.pos.scanout_id, cmd.pos.x, cmd.pos.y)
+        return Resp.OK_NODATA, b""

@@ -112,6 +112,27 @@ class StaticSource:
         return self._cursor
 
 
+class PreferredSource:
+    """virtio-gpu's scanout once a driver has set one, the ramfb (or other
+    fallback) picture before and after: what a PC shows as firmware hands
+    over to a driver."""
+
+    def __init__(self, primary: Callable[[], Frame | None],
+                 primary_cursor: Callable[[], Cursor | None], fallback: FrameSource) -> None:
+        self._primary = primary
+        self._primary_cursor = primary_cursor
+        self.fallback = fallback
+
+    def snapshot(self) -> Frame:
+        frame = self._primary()
+        return frame if frame is not None else self.fallback.snapshot()
+
+    def cursor(self) -> Cursor | None:
+        if self._primary() is not None:
+            return self._primary_cursor()
+        return self.fallback.cursor()
+
+
 @dataclass(frozen=True)
 class ScanoutConfig:
     """Where a guest framebuffer lies: guest-physical address, size, layout."""

@@ -34,7 +34,7 @@ from dvmm_shared.vhost_user.daemon import Daemon
 from .commands import DisplayCommands
 from .des import PASSWORD_SIZE
 from .device import GpuDevice
-from .framebuffer import ScanoutSource
+from .framebuffer import PreferredSource, ScanoutSource
 from .input import InputForwarder
 from .server import DEFAULT_CLIENT_TIMEOUT, VncServer, parse_listen
 
@@ -129,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     password = read_password(args.password_file) if args.password_file else None
     device = GpuDevice()
     scanout = ScanoutSource(device.memory)
+    # virtio-gpu's scanout once a driver sets one; ramfb (firmware) before that
+    source = PreferredSource(device.table.presented, lambda: device.table.cursor, scanout)
     forwarder = InputForwarder(args.core_control)
     try:
-        server = VncServer(host, port, scanout, forwarder, password=password,
+        server = VncServer(host, port, source, forwarder, password=password,
                            name=args.name, client_timeout=args.client_timeout)
     except OSError as exc:
         forwarder.close()
