@@ -58,9 +58,11 @@ from .report import (
     HIGHER,
     LOWER,
     Compared,
+    add_progress_args,
     load_line,
     machine_line,
     median,
+    progress_printer,
     table,
 )
 
@@ -532,7 +534,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (small image, short runs, one round)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the ratios to PNG")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every run as it ends")
+    add_progress_args(p)
     p.set_defaults(func=main)
 
 
@@ -554,10 +556,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"dvmm bench blk: the image must be at least {MAX_SIZE * 4 >> 20} MiB",
               file=sys.stderr)
         return 1
-    def say(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
     try:
-        out = run(settings, say if args.verbose else lambda s: None)
+        out = run(settings, progress_printer(args))
     except (BadBlock, RuntimeError) as exc:
         print(f"dvmm bench blk: error: {exc}", file=sys.stderr)
         return 1

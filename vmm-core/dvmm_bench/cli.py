@@ -14,6 +14,8 @@ from typing import Any
 
 from dvmm_shared.cli import UsageError
 
+from .report import plot_problem
+
 
 def add_parser(sub: Any) -> None:
     from . import blk, core, net, recovery, report, startup
@@ -32,6 +34,9 @@ def bench_errors(func: Callable[[argparse.Namespace], int]
     """A benchmark that cannot run (a peer missing, a backend not starting)
     reports that, with the peer's log, instead of a traceback."""
     def wrapped(args: argparse.Namespace) -> int:
+        plot = getattr(args, "plot", None)
+        if plot is not None and (why := plot_problem(plot)) is not None:
+            raise UsageError(f"bench {args.bench}: {why}")  # at once, not after the runs
         try:
             return func(args)
         except (RuntimeError, OSError) as exc:

@@ -43,7 +43,17 @@ from dvmm_core.kvm import Kvm, VcpuRunner
 from dvmm_core.machine.bus import Bus
 from dvmm_shared.procs import log_tail
 
-from .report import HIGHER, LOWER, Compared, load_line, machine_line, median, table
+from .report import (
+    HIGHER,
+    LOWER,
+    Compared,
+    add_progress_args,
+    load_line,
+    machine_line,
+    median,
+    progress_printer,
+    table,
+)
 
 PEER = "qemu"
 ROM_SIZE = 0x10000
@@ -288,7 +298,7 @@ def add_parser(sub: Any) -> None:
                    help="alternating runs of each VMM; medians are shown (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the ratios to PNG")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every run as it ends")
+    add_progress_args(p)
     p.set_defaults(func=main)
 
 
@@ -314,10 +324,7 @@ def main(args: argparse.Namespace) -> int:
         print("dvmm bench core: qemu-system-x86_64 is not installed", file=sys.stderr)
         return 1
     settings = settings_from(args)
-
-    def say(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
-    samples, wall = measure(settings, say if args.verbose else lambda s: None)
+    samples, wall = measure(settings, progress_printer(args))
     rows = compared(samples, settings)
     print(describe(settings, wall))
     print()

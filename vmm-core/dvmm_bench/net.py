@@ -50,9 +50,11 @@ from dvmm_shared.virtio import (
 from .report import (
     HIGHER,
     Compared,
+    add_progress_args,
     load_line,
     machine_line,
     median,
+    progress_printer,
     table,
 )
 
@@ -607,7 +609,7 @@ def add_parser(sub: Any) -> None:
                    help="the peer: dpdk-testpmd (default), or the kernel's TAP read/write "
                    "rate from a plain Python loop (used anyway when testpmd cannot run)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every run as it ends")
+    add_progress_args(p)
     p.set_defaults(func=main)
 
 
@@ -624,10 +626,8 @@ def main(args: argparse.Namespace) -> int:
         peer = FALLBACK
     settings = Settings(base.seconds, base.rounds, base.warmup, wls, peer)
 
-    def say(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
     try:
-        out = run(settings, say if args.verbose else lambda s: None)
+        out = run(settings, progress_printer(args))
     except RuntimeError as exc:
         print(f"dvmm bench net: error: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import platform
 import re
@@ -185,6 +186,37 @@ def plot(rows: Sequence[Compared], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_problem(path: Path) -> str | None:
+    """Why ``--plot PATH`` cannot work, checked before any benchmark runs
+    (not after minutes of them): matplotlib missing, or no such directory."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install 'dvmm[bench]'"
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        return f"--plot {path}: directory {parent} does not exist"
+    return None
+
+
+# --- progress -------------------------------------------------------------------------
+
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    """``-q``: no progress; by default every finished run prints one line on stderr."""
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines (by default each finished run prints one on stderr)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print every run as it ends on stderr (the default; kept for scripts)")
+
+
+def progress_printer(args: argparse.Namespace) -> Callable[[str], None]:
+    """One line per finished run on stderr, flushed (so a pipe shows it at once)."""
+    if getattr(args, "quiet", False):
+        return lambda line: None
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+    return say
+
+
 # --- the machine -----------------------------------------------------------------------
 
 def machine() -> dict[str, str]:
@@ -311,14 +343,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--write", type=Path, metavar="MARKDOWN",
                    help=f"rewrite the section between {BEGIN} and {END} of this file")
     p.add_argument("--plot", type=Path, metavar="PNG", help="draw the ratios to this PNG")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every run as it ends")
+    add_progress_args(p)
     p.set_defaults(func=main_all)
 
 
 def main_all(args: argparse.Namespace) -> int:
-    def say(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
-    rep = run_all(args.quick, say if args.verbose else lambda s: None)
+    rep = run_all(args.quick, progress_printer(args))
     print("\n\n".join(rep.raw))
     print()
     print(table(rep.rows))

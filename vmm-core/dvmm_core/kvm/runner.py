@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import signal
+import struct
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -99,6 +100,10 @@ _MMIO_IS_WRITE = _MMIO + KvmRunMmio.is_write.offset
 assert (_REASON32, _IO_DIRECTION, _IO_SIZE, _IO_PORT16, _IO_COUNT32, _IO_DATA64) == (
     2, 32, 33, 17, 9, 5), "struct kvm_run layout"
 assert (_MMIO_ADDR64, _MMIO_DATA, _MMIO_LEN32, _MMIO_IS_WRITE) == (4, 40, 12, 52)
+#: exit_reason and the io exit in one call: reason, direction, size, port, count,
+#: data_offset (one unpack costs about half of six memoryview subscripts).
+_EXIT_HEADER = struct.Struct("<8xI20xBBHIQ")
+assert _EXIT_HEADER.size == _IO_DATA64 * 8 + 8
 _KVM_RUN = int(KVM_RUN)
 
 _SYSTEM_EVENTS = {KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", KVM_SYSTEM_EVENT_RESET: "reset",
@@ -261,22 +266,22 @@ class VcpuRunner:
         per exit is a local; one byte through one port is served right here
         (see the module doc).  Indexes: the ``_IO*``/``_REASON32`` constants."""
         vcpu = self.vcpu
-        run, fd, nr = kvm_run_call, vcpu.fd, _KVM_RUN
-        page, page16, page32, page64 = vcpu.page, vcpu.page16, vcpu.page32, vcpu.page64
+        run, fd, nr, errno_now = kvm_run_call, vcpu.fd, _KVM_RUN, ctypes.get_errno
+        page, header = vcpu.page, _EXIT_HEADER.unpack_from
         pio_read, pio_write, on_exit = self.pio.read, self.pio.write, self._on_exit
         low, high = _RUN_SIZE, len(page)  # where KVM may put port data (checked: hostile)
         while not self._stopping:
             if run(fd, nr, 0) < 0:
-                event = self._run_failed(ctypes.get_errno())
-            elif (page32[2] == 2 and page32[9] == 1 and page[33] == 1  # IO, 1 access, 1 byte
-                    and low <= (at := page64[5]) < high):
-                if page[32]:  # KVM_EXIT_IO_OUT
-                    pio_write(page16[17], 1, page[at])
-                else:
-                    page[at] = pio_read(page16[17], 1) & 0xFF
-                continue
+                event = self._run_failed(errno_now())
             else:
-                event = on_exit(page32[2])
+                reason, out, size, port, count, at = header(page)
+                if reason == 2 and count == 1 and size == 1 and low <= at < high:  # KVM_EXIT_IO
+                    if out:
+                        pio_write(port, 1, page[at])
+                    else:
+                        page[at] = pio_read(port, 1) & 0xFF
+                    continue
+                event = on_exit(reason)
             if event is not None:
                 return event
         return None

