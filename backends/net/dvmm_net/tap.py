@@ -138,7 +138,10 @@ class TapLink:
         return os.readv(self._fds[pair], bufs)
 
     def send(self, pair: int, bufs: Sequence[memoryview]) -> None:
-        os.writev(self._fds[pair], bufs)
+        if len(bufs) == 1:  # the usual frame: write() skips building an iovec list
+            os.write(self._fds[pair], bufs[0])
+        else:
+            os.writev(self._fds[pair], bufs)
 
     def reopen(self, pair: int) -> None:
         """A TAP's fds never change."""
