@@ -36,6 +36,7 @@ class ManualEngine:
     """Jobs wait in :attr:`queued` until :meth:`run` picks one."""
 
     fd = -1
+    wants_native = False
 
     def __init__(self) -> None:
         self.queued: list[Job] = []
@@ -44,6 +45,9 @@ class ManualEngine:
 
     def submit(self, job: Job) -> None:
         self.queued.append(job)
+
+    def push(self) -> None:
+        pass
 
     def run(self, i: int = 0) -> Job:
         job = self.queued.pop(i)
@@ -197,6 +201,7 @@ class EngineRig:
     def in_flight_jobs(self) -> set[int]:
         """Heads the device holds: queued or finished in the engine, or held back."""
         assert self.device.dispatcher is not None
-        jobs = [*self.engine.queued, *self.engine.finished,
-                *(job for _, job in self.device.dispatcher._held)]
+        d = self.device.dispatcher
+        jobs = [*self.engine.queued, *self.engine.finished, *d.flushes.held_jobs(),
+                *d.overlaps.waiting()]
         return {job.head for job in jobs}

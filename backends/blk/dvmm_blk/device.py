@@ -72,6 +72,8 @@ DISCARD_ALIGNMENT = 8  # sectors (4 KiB): what hole punching can honour
 Parsed = tuple[BlkRequest, memoryview, int]
 #: A disk call and its arguments; raises OSError.
 DiskOp = tuple[Callable[..., Any], tuple[Any, ...]]
+#: The same call as ``(op, fd, offset, buffers)`` (:attr:`.engine.Job.native`).
+Native = tuple[str, int, int, list[memoryview]]
 
 
 @dataclass
@@ -102,6 +104,10 @@ class BlkDevice(VhostUserBackend):
         self.limits = DiskLimits(capacity=disk.size // VIRTIO_BLK_SECTOR_SIZE)
         self.stats = BlkStats()
         self.dispatcher = Dispatcher(self, engine) if engine is not None else None
+        self._try_read: Callable[[int, list[memoryview]], bool] | None = getattr(
+            disk, "try_read", None)
+        self._native: Callable[[str, int, list[memoryview]], Native | None] | None = getattr(
+            disk, "native", None)
 
     @property
     def num_queues(self) -> int:
@@ -148,7 +154,7 @@ class BlkDevice(VhostUserBackend):
         d = self.dispatcher
         if d is None or d.host is None:
             return serve(queue_index, queue)
-        return d.host.submit_chains(queue_index, queue, d.start)
+        return d.serve(d.host, queue_index, queue)
 
     # -- requests -------------------------------------------------------------
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
@@ -225,6 +231,30 @@ class BlkDevice(VhostUserBackend):
         if isinstance(req, Discard):
             return self._discard, (req.segments,)
         return self._write_zeroes, (req.segments,)
+
+    def read_cached(self, req: BlkRequest) -> bool:
+        """Serve a read now if no byte of it has to come from the device
+        (:class:`~.disk.CachedReads`); False leaves it to the engine."""
+        if self._try_read is None or not isinstance(req, Read):
+            return False
+        try:
+            return self._try_read(req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+        except OSError:
+            return False  # the engine's read reports it
+
+    def native(self, req: BlkRequest) -> Native | None:
+        """``req`` as a system call an engine can make itself (io_uring), if
+        the disk can say which (a plain image; not a fault-injecting one)."""
+        fn = self._native
+        if fn is None:
+            return None
+        if isinstance(req, Read):
+            return fn("read", req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+        if isinstance(req, Write):
+            return fn("write", req.sector * VIRTIO_BLK_SECTOR_SIZE, req.bufs)
+        if isinstance(req, Flush):
+            return fn("flush", 0, [])
+        return None
 
     def _discard(self, segments: list[Segment]) -> None:
         for seg in segments:

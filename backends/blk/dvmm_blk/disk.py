@@ -56,6 +56,15 @@ class Disk(Protocol):
     def close(self) -> None: ...
 
 
+class CachedReads(Protocol):
+    """A disk that can tell a read that would wait for the device from one
+    that would not (the engines serve the second kind at once)."""
+
+    def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
+        """Read now if every byte is in the page cache; False (nothing
+        promised about ``bufs``) if the read would wait or cannot tell."""
+
+
 class RawDisk:
     """A raw image file (or block device) accessed with positioned vector I/O."""
 
@@ -75,6 +84,7 @@ class RawDisk:
             os.close(self.fd)
             raise
         self._punch_ok = True
+        self._nowait_ok = hasattr(os, "RWF_NOWAIT")
 
     def _lock(self) -> None:
         # Shared for readers, exclusive for a writer: two backends writing one
@@ -92,8 +102,34 @@ class RawDisk:
     def read(self, offset: int, bufs: list[memoryview]) -> None:
         _vector_io(os.preadv, self.fd, offset, bufs, "read")
 
+    def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
+        """``preadv(RWF_NOWAIT)``: the page-cache hit of a read, without waiting
+        (EAGAIN, or a short read, when a page would have to come from the
+        device).  Filesystems without it (tmpfs: EOPNOTSUPP) say so once."""
+        if not self._nowait_ok or len(bufs) > IOV_MAX:
+            return False
+        try:
+            done = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._nowait_ok = False
+                return False
+            raise
+        return done == sum(map(len, bufs))
+
     def write(self, offset: int, bufs: list[memoryview]) -> None:
         _vector_io(os.pwritev, self.fd, offset, bufs, "write")
+
+    def native(self, op: str, offset: int, bufs: list[memoryview]
+               ) -> tuple[str, int, int, list[memoryview]] | None:
+        """A read/write/flush as ``(op, fd, offset, buffers)`` for an engine that
+        makes the system call itself; None when only :meth:`read` etc. will do."""
+        bufs = [b for b in bufs if len(b)]
+        if len(bufs) > IOV_MAX:
+            return None
+        return op, self.fd, offset, bufs
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -207,6 +243,11 @@ class FaultyDisk:
     def read(self, offset: int, bufs: list[memoryview]) -> None:
         self._check("read")
         self.disk.read(offset, bufs)
+
+    def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
+        """A cached read, unless an error is armed (then the engine's read fails)."""
+        try_read = getattr(self.disk, "try_read", None)
+        return self._armed is None and try_read is not None and bool(try_read(offset, bufs))
 
     def write(self, offset: int, bufs: list[memoryview]) -> None:
         self._check("write")

@@ -1,4 +1,4 @@
-"""The asynchronous blk request path: chains to engine jobs and back, FLUSH ordered.
+"""The asynchronous blk request path: chains to engine jobs and back.
 
 Owns what happens between taking a chain from a ring and returning it used
 when an engine (:mod:`.engine`) does the I/O: the request is parsed and
@@ -7,14 +7,14 @@ device), submitted, and when the engine hands the job back — in any order —
 its status byte is set, it is counted, and it is published through the
 daemon (:meth:`BackendHost.complete`: one put per chain, one call-eventfd
 signal per batch, EVENT_IDX respected).  Everything here runs on the daemon's
-loop thread; only ``Job.run`` runs on a worker.
+loop thread; only ``Job.run`` runs on a worker.  Which request waits for
+which (overlapping ranges, FLUSH behind the writes issued before it) is
+:mod:`.ordering`'s.
 
-Ordering (virtio 1.2 section 5.2.6.1: "a flush covers the writes completed
-before it"): a FLUSH is held back until every write-like request (write,
-discard, write-zeroes) *issued* before it has finished, then submitted — a
-stricter rule than the spec's, so a driver that counts on either is served.
-Other requests are not ordered: virtio-blk gives no order between requests
-in flight, and drivers do not issue overlapping ones.
+Some requests are served at once, on the loop thread, with no hand-off:
+requests without I/O, reads the page cache holds (``RWF_NOWAIT``), and any
+request when it is the only one (nothing in flight, nothing more available:
+at queue depth 1 a hand-off would only add its latency).
 
 In-flight tracking stays exact because nothing here touches the ring: the
 chain was marked in flight when popped, and it is retired by the daemon
@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import logging
 import selectors
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dvmm_shared.vhost_user.backend import BackendHost
 from dvmm_shared.virtio import VirtioBlkStatus
-from dvmm_shared.virtqueue import DescriptorChain
+from dvmm_shared.virtqueue import DescriptorChain, SplitQueue
 
 from .engine import Engine, Job
+from .ordering import FlushBarrier, Overlaps, Pending, span
 from .request import BlkRequest, Discard, Flush, Write, WriteZeroes
 
 log = logging.getLogger("dvmm.blk")
@@ -51,22 +50,14 @@ class RequestServer(Protocol):
     def parse(self, queue_index: int, chain: DescriptorChain
               ) -> tuple[BlkRequest, memoryview, int] | int: ...
     def operation(self, req: BlkRequest) -> tuple[Callable[..., Any], tuple[Any, ...]] | int: ...
+    def read_cached(self, req: BlkRequest) -> bool: ...
+    def native(self, req: BlkRequest) -> tuple[str, int, int, list[memoryview]] | None: ...
     def account(self, req: BlkRequest) -> None: ...
     def failed(self, req: BlkRequest, exc: OSError) -> int: ...
 
 
-@dataclass(slots=True, eq=False)
-class Pending:
-    """What a job needs at completion: the request, its status byte, the
-    bytes written on success, and its place in the write order."""
-
-    req: BlkRequest
-    status: memoryview
-    ok_written: int
-    seq: int = -1  # write-like requests: issue order; others -1
-
-
 _WRITE_LIKE = (Write, Discard, WriteZeroes)
+DiskOp = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 class Dispatcher:
@@ -78,9 +69,10 @@ class Dispatcher:
         self.host: BackendHost | None = None
         #: Chains taken from each queue and not yet handed back.
         self.outstanding: dict[int, int] = {}
-        self._next_seq = 0
-        self._writes: set[int] = set()  # write-like requests not finished, by seq
-        self._held: deque[tuple[int, Job]] = deque()  # (barrier, flush) in issue order
+        self.overlaps = Overlaps()
+        self.flushes = FlushBarrier()
+        self._busy = 0  # chains taken from any queue and not handed back
+        self._queue: SplitQueue | None = None  # the one being served, for peeking
 
     # -- the daemon's side ------------------------------------------------------
     def attach(self, host: BackendHost) -> None:
@@ -92,9 +84,19 @@ class Dispatcher:
         if self.host is not None:
             self.host.watch(self.engine.fd, selectors.EVENT_READ, self.on_ready)
 
+    def serve(self, host: BackendHost, index: int, queue: SplitQueue) -> bool:
+        """Take every available chain of a kicked queue (``process_queue``)."""
+        self._queue = queue
+        try:
+            return host.submit_chains(index, queue, self.start)
+        finally:
+            self._queue = None
+            self.engine.push()
+
+    # -- taking requests ------------------------------------------------------------
     def start(self, index: int, chain: DescriptorChain) -> int | None:
         """A chain just taken from ring ``index``: answered now (the bytes
-        written) or submitted (None)."""
+        written) or taken (None; published when the engine is done)."""
         device = self.device
         parsed = device.parse(index, chain)
         if isinstance(parsed, int):
@@ -104,31 +106,55 @@ class Dispatcher:
         if isinstance(op, int):  # answered without I/O (GET_ID, a refusal)
             status[0] = op
             return ok_written if op == VirtioBlkStatus.OK else 1
-        pending = Pending(req, status, ok_written)
-        job = Job(op[0], op[1], index, chain.head, pending)
+        if self._alone():
+            return self._now(req, status, ok_written, op)
+        lo, hi, writes = span(req)
+        if not writes and not self.overlaps.conflicts(lo, hi) and device.read_cached(req):
+            device.account(req)
+            status[0] = VirtioBlkStatus.OK
+            return ok_written
+        p = Pending(req, status, ok_written, lo=lo, hi=hi, writes=writes)
+        job = Job(op[0], op[1], index, chain.head, p)
+        if self.engine.wants_native:
+            job.native = device.native(req)
+        self._busy += 1
         self.outstanding[index] = self.outstanding.get(index, 0) + 1
         if isinstance(req, _WRITE_LIKE):
-            pending.seq = self._next_seq
-            self._next_seq += 1
-            self._writes.add(pending.seq)
-        elif isinstance(req, Flush) and self._writes:
-            # Every write issued so far has a seq below this barrier.
-            self._held.append((self._next_seq, job))
+            self.flushes.write(p)
+        elif isinstance(req, Flush) and not self.flushes.flush(job):
             return None
-        self.engine.submit(job)
+        if self.overlaps.admit(p, job):
+            self.engine.submit(job)
         return None
 
+    def _alone(self) -> bool:
+        q = self._queue
+        return not self._busy and q is not None and q.avail_idx() == q.last_avail_idx
+
+    def _now(self, req: BlkRequest, status: memoryview, ok_written: int, op: DiskOp) -> int:
+        """Serve on the loop thread."""
+        try:
+            op[0](*op[1])
+        except OSError as exc:
+            status[0] = self.device.failed(req, exc)
+            return 1
+        self.device.account(req)
+        status[0] = VirtioBlkStatus.OK
+        return ok_written
+
+    # -- handing them back ------------------------------------------------------------
     def on_ready(self) -> None:
         """The engine's fd is readable: publish what finished."""
         self.finish(self.engine.reap())
 
     def finish(self, jobs: list[Job]) -> None:
-        """Status bytes and counters of finished jobs, then publish them per queue."""
+        """Status bytes and counters of finished jobs, publish them per queue,
+        then start what waited for them."""
         if not jobs:
             return
         device = self.device
         done: dict[int, list[tuple[int, int]]] = {}
-        wrote = False
+        ready: list[Job] = []
         for job in jobs:
             p: Pending = job.tag
             if job.error is None:
@@ -138,18 +164,22 @@ class Dispatcher:
             else:
                 p.status[0] = device.failed(p.req, job.error)
                 written = 1
+            if p.hi != p.lo:
+                ready += self.overlaps.finished(p)
             if p.seq >= 0:
-                self._writes.discard(p.seq)
-                wrote = True
+                ready += self.flushes.finished(p)
             self.outstanding[job.queue] -= 1
+            self._busy -= 1
             batch = done.get(job.queue)
             if batch is None:
                 done[job.queue] = [(job.head, written)]
             else:
                 batch.append((job.head, written))
         self._publish(done)
-        if wrote and self._held:
-            self._release_flushes()
+        if ready:
+            for job in ready:
+                self.engine.submit(job)
+            self.engine.push()
 
     def _publish(self, done: dict[int, list[tuple[int, int]]]) -> None:
         host = self.host
@@ -159,13 +189,6 @@ class Dispatcher:
             return
         for index, batch in done.items():
             host.complete(index, batch)
-
-    def _release_flushes(self) -> None:
-        """Submit the held flushes whose earlier writes have all finished."""
-        oldest = min(self._writes) if self._writes else None
-        held = self._held
-        while held and (oldest is None or oldest >= held[0][0]):
-            self.engine.submit(held.popleft()[1])
 
     def drain(self, index: int) -> None:
         """Wait until every chain taken from queue ``index`` is handed back

@@ -53,6 +53,10 @@ class Job:
     head: int = 0
     tag: Any = None
     error: OSError | None = None
+    #: The same call as ``("read"|"write"|"flush", fd, offset, buffers)``
+    #: for engines that make the system call themselves (io_uring, when it
+    #: ``wants_native``); None: only ``fn`` will do.
+    native: tuple[str, int, int, list[memoryview]] | None = None
 
     def run(self) -> None:
         try:
@@ -66,8 +70,13 @@ class Engine(Protocol):
 
     #: Readable while finished jobs wait to be reaped.
     fd: int
+    #: Whether jobs should carry ``native`` (the submitter fills it in).
+    wants_native: bool
 
     def submit(self, job: Job) -> None: ...
+    def push(self) -> None:
+        """Start what was submitted since the last push (io_uring: one
+        ``io_uring_enter`` for the batch; threads start at once)."""
     def reap(self) -> list[Job]:
         """The jobs finished since the last reap (clears the fd's readiness)."""
     def wait(self, timeout: float) -> None:
@@ -86,6 +95,8 @@ class ThreadEngine:
     let a worker's set-and-signal land in between: its signal eaten, the flag
     left set, and every later completion waiting for a wake-up that never
     comes)."""
+
+    wants_native = False
 
     def __init__(self, threads: int = DEFAULT_THREADS, name: str = "blk-io",
                  wakeup: EventFd | None = None) -> None:
@@ -110,6 +121,9 @@ class ThreadEngine:
         if self._closed:
             raise EngineError("the engine is closed")
         self._jobs.put(job)
+
+    def push(self) -> None:
+        pass  # the workers took the jobs already
 
     def _work(self) -> None:
         get, done, efd = self._jobs.get, self._done, self._efd
@@ -147,7 +161,7 @@ class ThreadEngine:
         self._efd.close()
 
 
-ENGINES = ("threads", "sync")
+ENGINES = ("threads", "io_uring", "sync")
 
 
 def make_engine(kind: str, threads: int = DEFAULT_THREADS) -> Engine | None:
@@ -155,6 +169,10 @@ def make_engine(kind: str, threads: int = DEFAULT_THREADS) -> Engine | None:
     one at a time, on the loop thread)."""
     if kind == "threads":
         return ThreadEngine(threads)
+    if kind == "io_uring":
+        from .uring import UringEngine
+
+        return UringEngine()
     if kind == "sync":
         return None
     raise EngineError(f"engine must be one of {', '.join(ENGINES)}, not {kind!r}")

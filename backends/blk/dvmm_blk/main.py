@@ -72,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: dvmm- and the image file name)")
     p.add_argument("--engine", choices=ENGINES, default="threads",
                    help="how requests are served: threads (a pool of workers, several "
-                        "requests in flight, completed out of order; the default) or "
-                        "sync (one at a time on the event loop)")
+                        "requests in flight, completed out of order; the default), "
+                        "io_uring (the same through io_uring, where the kernel allows "
+                        "it) or sync (one at a time on the event loop)")
     p.add_argument("--io-threads", type=int, default=DEFAULT_THREADS, metavar="N",
                    help=f"worker threads of the threads engine (1..{MAX_THREADS}, "
                         f"default {DEFAULT_THREADS})")
