@@ -71,7 +71,7 @@ def encode_tile(src: bytes, width: int, height: int, conv: PixelConverter) -> by
 def _packed_palette(src: bytes, width: int, height: int, palette: list[int],
                     conv: PixelConverter) -> bytes:
     index = {colour: i for i, colour in enumerate(palette)}
-    indices = bytes(index[p] for p in memoryview(src).cast("I"))
+    indices = bytes(map(index.__getitem__, memoryview(src).cast("I")))
     bits = 1 if len(palette) == 2 else 2 if len(palette) <= 4 else 4
     entries = b"".join(c.to_bytes(4, "little") for c in palette)
     rows = b"".join(pack_indices(indices[y * width:(y + 1) * width], bits)

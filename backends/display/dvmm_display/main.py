@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--core-control", metavar="ENDPOINT",
                    help="the core's control endpoint, where VNC key and pointer events "
                         "are sent (the core passes ipc://RUNTIME/core.ctl)")
+    p.add_argument("--input-socket", metavar="PATH",
+                   help="vhost-user-input socket for virtio-input (not served yet: "
+                        "accepted for the core's command line, a warning is logged)")
     p.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
                    metavar="SECONDS",
                    help="drop a VNC client that stalls this long: handshake unfinished, "
@@ -127,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     host, port = check_args(args)
     setup_logging("dvmm-display", args.verbose, args.quiet)
     password = read_password(args.password_file) if args.password_file else None
+    if args.input_socket:
+        log.warning("--input-socket %s: virtio-input is not served yet; VNC input reaches "
+                    "the guest as PS/2 through the core only", args.input_socket)
     device = GpuDevice()
     scanout = ScanoutSource(device.memory)
     # virtio-gpu's scanout once a driver sets one; ramfb (firmware) before that

@@ -203,6 +203,10 @@ class VncServer:
         except RfbError as exc:
             self._drop(client, f"protocol error: {exc}")
             return
+        except Exception:  # a bug must cost one client, not the VNC server
+            log.exception("VNC client %s: internal error", client.peer)
+            self._drop(client, "internal error")
+            return
         if client.session.closing:
             self.stats.auth_failures += 1
             log.warning("VNC client %s: %s", client.peer, client.session.close_reason)
@@ -248,7 +252,13 @@ class VncServer:
             return
         frame, cursor = self.source.snapshot(), self.source.cursor()
         for client in ready:
-            if client.session.make_update(frame, cursor):
+            try:
+                sent = client.session.make_update(frame, cursor)
+            except Exception:  # as in _read: one client pays for a bug, not all
+                log.exception("VNC client %s: internal error", client.peer)
+                self._drop(client, "internal error")
+                continue
+            if sent:
                 self.stats.updates += 1
                 self._flush(client)
 
