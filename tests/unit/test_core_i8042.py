@@ -5,7 +5,10 @@ as a guest drives them; input events as the display process sends them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from dvmm_core.core_control import CoreControl
 from dvmm_core.machine.bus import Bus
 from dvmm_core.machine.i8042 import (
     I8042,
@@ -16,6 +19,8 @@ from dvmm_core.machine.i8042 import (
 )
 from dvmm_core.machine.keymap import KEYS, KEYSYMS, SET2_TO_SET1
 from dvmm_core.machine.ps2 import QUEUE_MAX
+from dvmm_core.supervisor import Supervisor
+from dvmm_shared.control import ControlError, command
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -392,3 +397,27 @@ def test_fuzz_never_raises_and_status_is_consistent(ops: list[tuple[int, bool, i
         assert not status & 0x02  # IBF never stuck
         assert not rig.level(1) or (status & OBF and not status & AUXDATA)
         assert not rig.level(12) or status & (OBF | AUXDATA) == OBF | AUXDATA
+
+
+def test_input_command_over_the_control_plane(tmp_path: Path, booted: Rig) -> None:
+    """The display process's ``input`` command, through the core's real
+    ``core.ctl`` endpoint, reaches the keyboard; bad events are refused
+    with one line and change nothing."""
+    supervisor = Supervisor(runtime_dir=str(tmp_path))
+    control = CoreControl(supervisor, lambda: [], lambda: "running")
+    endpoint = supervisor.control_endpoint("core")
+    try:
+        control.start()
+        with pytest.raises(ControlError, match="no keyboard"):
+            command(endpoint, "input", events=[])
+        control.input = lambda events: booted.kbc.input(parse_input_events(events))
+        reply = command(endpoint, "input", events=[
+            {"type": "key", "keysym": XK_Escape, "down": True},
+            {"type": "key", "keysym": XK_Escape, "down": False}])
+        assert reply["delivered"] == 2
+        assert booted.drain_irq1() == [0x01, 0x81]
+        with pytest.raises(ControlError, match="event 0"):
+            command(endpoint, "input", events=[{"type": "key", "keysym": "a"}])
+        assert not booted.inb(STATUS) & OBF
+    finally:
+        control.close()

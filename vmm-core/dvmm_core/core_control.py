@@ -8,9 +8,10 @@ Owns two ZeroMQ endpoints in the VM's runtime directory (see
   lost / restored / offline) and of the machine (guest reset, VM stopped),
   as msgpack maps with ``event``, ``seq`` and ``ts``;
 * ``ipc://RUNTIME/core.ctl`` (REP): ``status`` (the VM and every backend),
-  ``events`` (the recent history, for a client that joined late) and
+  ``events`` (the recent history, for a client that joined late),
   ``fault`` (process faults through the supervisor: kill, stop, cont,
-  restart).
+  restart) and ``input`` (key and pointer events from the display process
+  for the machine's PS/2 keyboard and mouse, notes/display_interface.md).
 
 The endpoints open in :meth:`CoreControl.start`, which the machine calls
 once its vCPUs run: ZeroMQ (its import, a context with an I/O thread, two
@@ -50,6 +51,8 @@ class CoreControl:
         self.supervisor = supervisor
         self._links = links
         self._vm_state = vm_state
+        #: Where ``input`` events go (the machine's i8042); None: no keyboard.
+        self.input: Callable[[Any], int] | None = None
         self._started = time.monotonic()
         self.publisher: EventPublisher | None = None
         self.server: CommandServer | None = None
@@ -79,6 +82,7 @@ class CoreControl:
             "status": self._status,
             "events": lambda req: {"events": self.history()},
             "fault": self._fault,
+            "input": self._input,
         })
         self.server.start()
 
@@ -131,6 +135,17 @@ class CoreControl:
             raise ControlError(str(exc)) from None
         self.emit("fault-injected", {"name": name, "action": action, "pid": backend.pid})
         return {"name": name, "action": action, "pid": backend.pid}
+
+    def _input(self, request: dict[str, Any]) -> dict[str, Any]:
+        from dvmm_shared.control import ControlError
+
+        if self.input is None:
+            raise ControlError("this machine has no keyboard (run it with --display)")
+        try:
+            delivered = self.input(request.get("events"))
+        except ValueError as exc:
+            raise ControlError(f"input: {exc}") from None
+        return {"delivered": delivered}
 
     def close(self) -> None:
         if self.server is not None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
 
 from .kvm.ioctls import KvmError
+from .machine.display import DisplaySpec
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
 from .supervisor import RestartPolicy, RestartSpec, SupervisorError
 
@@ -50,6 +51,7 @@ examples:
   dvmm run --net tap=tap0,mac=52:54:00:12:34:56       (iPXE network boot)
   dvmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0" --disk root.img
   dvmm run --disk a.img,restart=never --restart always
+  dvmm run --disk a.img --display vnc=127.0.0.1:5900    (watch and type with a VNC client)
 
 Crash recovery: a backend that dies is restarted by its policy (--restart,
 or restart= per device) and the core reconnects and replays the device
@@ -85,6 +87,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N][,restart=P]",
                    help="a virtio-net NIC served by a dvmm net backend on a TAP device or "
                         "a VM-to-VM peer link, or by an external vhost-user-net socket")
+    p.add_argument("--display", metavar="vnc=HOST:PORT[,password-file=F]",
+                   help="a display process serving the screen (ramfb) over VNC; VNC "
+                        "keyboard and mouse reach the guest as PS/2 devices")
+    p.add_argument("--boot-menu", nargs="?", type=int, const=2500, metavar="MS",
+                   help="let SeaBIOS offer its boot menu (ESC or F12), waiting MS "
+                        "milliseconds for the key (default 2500)")
+    p.add_argument("--boot-menu-key", choices=("esc", "f12"), default="esc",
+                   help="the key that opens the boot menu (default esc)")
     p.add_argument("--restart", default="on-failure", type=_policy,
                    metavar="always|on-failure|never",
                    help="restart policy of the backends dvmm starts (default on-failure: "
@@ -167,6 +177,28 @@ def parse_net(text: str) -> NetSpec:
     return spec
 
 
+def parse_display(text: str) -> DisplaySpec:
+    """``vnc=HOST:PORT[,password-file=F]``."""
+    vnc, password = None, None
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if key == "vnc" and sep and value:
+            host, colon, port = value.rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise UsageError(f"--display {text}: vnc= needs HOST:PORT, got {value!r}")
+            vnc = value
+        elif key == "password-file" and sep and value:
+            if not os.path.isfile(value):
+                raise UsageError(f"--display {text}: password file {value} does not exist")
+            password = os.path.abspath(value)
+        else:
+            raise UsageError(f"--display {text}: bad option {item!r} "
+                             "(known: vnc=HOST:PORT, password-file=F)")
+    if vnc is None:
+        raise UsageError(f"--display {text}: give vnc=HOST:PORT")
+    return DisplaySpec(vnc, password)
+
+
 def build_config(args: argparse.Namespace) -> MachineConfig:
     if not 1 <= args.cpus <= 64:
         raise UsageError(f"--cpus must be 1..64, not {args.cpus}")
@@ -185,13 +217,17 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
     disks = [parse_disk(d) for d in args.disk]
     disks += [DiskSpec(socket=s) for s in args.vhost_user_blk]
     nets = [parse_net(n) for n in args.net]
+    display = parse_display(args.display) if args.display is not None else None
+    if args.boot_menu is not None and not 0 <= args.boot_menu <= 0xFFFF:
+        raise UsageError(f"--boot-menu must be 0..65535 ms, not {args.boot_menu}")
     return MachineConfig(memory=args.memory << 20, cpus=args.cpus, firmware=firmware,
                          kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                          disks=disks, nets=nets, hugepages=args.hugepages,
                          backend_args=backend_log_args(args), kvm_path=args.kvm,
                          restart=RestartSpec(policy=args.restart, limit=args.restart_limit[0],
                                              window=args.restart_limit[1]),
-                         standby=args.standby)
+                         standby=args.standby, display=display, boot_menu=args.boot_menu,
+                         boot_menu_key=args.boot_menu_key)
 
 
 def backend_log_args(args: argparse.Namespace) -> list[str]:

@@ -41,13 +41,15 @@ from ..kvm import Kvm, Vcpu, VcpuRunner, Vm
 from ..supervisor import Backend, RestartPolicy, RestartSpec, Supervisor
 from .bus import Bus
 from .cmos import Cmos
+from .display import DISPLAY_MODULE, DISPLAY_NAME, DisplayLink, DisplaySpec
 from .e820 import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RamLayout
 from .fw_cfg import FwCfg
-from .i8042 import I8042
+from .i8042 import I8042, parse_input_events
 from .intx import IntxPump
 from .irq import IrqRouter
 from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
 from .platform import DebugCon, FastA20, PostCode, ResetControl
+from .ramfb import VGABIOS_RAMFB, Ramfb, load_vga_rom
 from .serial import Serial
 from .vhost_devices import PendingFunction, VhostDevice
 
@@ -94,6 +96,15 @@ class NetSpec:
     restart: RestartPolicy | None = None
 
 
+def add_boot_menu_key(fw: FwCfg, key: str) -> None:
+    """The key that opens SeaBIOS's boot menu (int 16h scan code, SeaBIOS
+    src/boot.c interactive_bootmenu), with its prompt; ESC is the default."""
+    if key != "esc":
+        scan = {"f12": 0x86}[key]
+        fw.add_file("etc/boot-menu-key", scan.to_bytes(2, "little"))
+        fw.add_file("etc/boot-menu-message", f"\nPress {key.upper()} for boot menu.\n\n".encode())
+
+
 def default_mac(index: int) -> str:
     return f"52:54:00:12:34:{0x56 + index:02x}"
 
@@ -116,6 +127,9 @@ class MachineConfig:
     kvm_path: str = "/dev/kvm"
     restart: RestartSpec = field(default_factory=RestartSpec)
     standby: bool = True  # a warm twin per backend for fast restarts
+    display: DisplaySpec | None = None  # a display process, ramfb and a PS/2 keyboard
+    boot_menu: int | None = None  # SeaBIOS's boot menu, waiting this many ms for a key
+    boot_menu_key: str = "esc"  # or "f12" (SeaBIOS before 1.12 used F12)
 
 
 class GuestRam:
@@ -204,6 +218,9 @@ class Machine:
         self._build_platform()
         self.fw_cfg = self._build_fw_cfg()
         self.resets = 0
+        self.display: DisplayLink | None = None
+        self.ramfb: Ramfb | None = None
+        self.control.input = self.input_events
 
     @property
     def virtio(self) -> list[VirtioPciDevice]:
@@ -217,7 +234,7 @@ class Machine:
         below = self.layout.low_size
         self.cmos = Cmos(below, self.layout.high_size, self.cfg.cpus)
         self.cmos.register(self.pio)
-        self.i8042 = I8042(self._guest_reset, self._irq, present=False)
+        self.i8042 = I8042(self._guest_reset, self._irq, present=self.cfg.display is not None)
         self.i8042.register(self.pio)
         FastA20(self._guest_reset).register(self.pio)
         ResetControl(self._guest_reset).register(self.pio)
@@ -236,7 +253,10 @@ class Machine:
         fw.set_cpus(self.cfg.cpus)
         fw.set_ram_size(self.cfg.memory)
         fw.set_nographic(True)
-        fw.set_boot_menu(False)
+        fw.set_boot_menu(self.cfg.boot_menu is not None)
+        if self.cfg.boot_menu is not None:  # SeaBIOS romfile_loadint: any LE size
+            fw.add_file("etc/boot-menu-wait", self.cfg.boot_menu.to_bytes(2, "little"))
+            add_boot_menu_key(fw, self.cfg.boot_menu_key)
         e820 = b"".join(e.addr.to_bytes(8, "little") + e.size.to_bytes(8, "little")
                         + e.kind.to_bytes(4, "little") for e in self.layout.e820(firmware=True))
         fw.add_file("etc/e820", e820)
@@ -283,6 +303,28 @@ class Machine:
         slot = FIRST_PCI_SLOT + len(self.devices)
         self.pci.add(slot, PendingFunction(device, self.pci, slot))
         self.devices.append(device)
+
+    def _add_display(self, spec: DisplaySpec) -> None:
+        """The display process (a backend like the others, spawned by the
+        supervisor), ramfb for the firmware, and the link that hands the
+        display guest RAM (``display``)."""
+        try:
+            rom = load_vga_rom()
+        except (OSError, ValueError) as exc:
+            raise MachineError(f"--display needs {VGABIOS_RAMFB}: {exc}") from None
+        args = spec.backend_args(self.supervisor.control_endpoint("core"))
+        backend = self.supervisor.spawn_python(DISPLAY_NAME, DISPLAY_MODULE,
+                                               [*args, *self.cfg.backend_args],
+                                               restart=self.cfg.restart, control=True,
+                                               standby=self.cfg.standby)
+        self.display = DisplayLink(self, backend)
+        self.ramfb = Ramfb(self.ram.mem, self.display.show)
+        self.ramfb.attach(self.fw_cfg, rom)
+
+    def input_events(self, events: Any) -> int:
+        """The control plane's ``input`` command (display process -> PS/2);
+        raises ValueError (``InputError``) for malformed events."""
+        return self.i8042.input(parse_input_events(events))
 
     def _add_pxe_rom(self) -> None:
         """iPXE for virtio-net, offered the way SeaBIOS looks for a device's
@@ -384,6 +426,8 @@ class Machine:
             self.add_disk(disk, i)
         for i, net in enumerate(self.cfg.nets):
             self.add_net(net, i)
+        if self.cfg.display is not None:
+            self._add_display(self.cfg.display)
         self._create_instance()
         if prepare_boot is not None:
             prepare_boot(self)
@@ -392,6 +436,8 @@ class Machine:
         self.state = "running"
         for device in self.devices:
             device.begin()
+        if self.display is not None:
+            self.display.begin()
         from dvmm_shared.control import ControlError
 
         try:
@@ -433,6 +479,7 @@ class Machine:
         self.serial.reset()
         self.cmos.reset()
         self.fw_cfg.reset()
+        self.i8042.reset()
         self._destroy_instance()
         self._create_instance()
         for runner in self.runners:
@@ -460,6 +507,8 @@ class Machine:
         """Every supervisor and link event: published; a backend given up
         takes its device offline for good."""
         self.control.emit(event, fields)
+        if self.display is not None:
+            self.display.on_event(event, fields)
         if event == "backend-given-up":
             link = self.links.get(fields.get("name", ""))
             if link is not None:
@@ -472,6 +521,8 @@ class Machine:
         self._destroy_instance()
         for device in self.devices:
             device.close()
+        if self.display is not None:
+            self.display.close()
         self.supervisor.stop_all()
         self.publish("vm-stopped", {"reason": why})
         self.control.close()
