@@ -29,7 +29,9 @@ from dvmm_core.machine.ramfb import (
     load_vga_rom,
     parse_ramfb_config,
 )
+from dvmm_core.run import parse_display
 from dvmm_core.vhost_user_frontend import RamRegion, VhostUserLink
+from dvmm_shared.cli import UsageError
 from dvmm_shared.control import CommandServer
 from dvmm_shared.memory import GuestMemory, memfd_region
 from hypothesis import given, settings
@@ -316,3 +318,25 @@ def test_display_spec_backend_args() -> None:
     assert spec.backend_args("ipc:///r/core.ctl") == [
         "--vnc", "127.0.0.1:5901", "--core-control", "ipc:///r/core.ctl",
         "--password-file", "/tmp/pw"]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("vnc=5900", "HOST:PORT"),
+    ("vnc=127.0.0.1:65536", "HOST:PORT"),
+    ("vnc=:5900", "HOST:PORT"),
+    ("password-file=/nonexistent", "does not exist"),
+    ("vnc=127.0.0.1:5900,gpu=virtio", "bad option"),
+    ("", "give vnc="),
+])
+def test_display_option_errors_are_one_line(text: str, why: str) -> None:
+    with pytest.raises(UsageError, match=why) as info:
+        parse_display(text)
+    assert "\n" not in str(info.value)
+
+
+def test_display_option_parses(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    assert parse_display(f"vnc=127.0.0.1:5901,password-file={pw}") == DisplaySpec(
+        "127.0.0.1:5901", str(pw))
+    assert parse_display("vnc=[::1]:0") == DisplaySpec("[::1]:0")
