@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corevm import CoreVM, clean, wait_until
+from corevm import CoreVM, clean, dvmm_argv, wait_until
 from dvmm_core.boot.screen import DRAWN, SCREEN_TEXT, make_screen_disk
 from PIL import Image, ImageChops
 
@@ -222,3 +222,29 @@ def test_firmware_screen_survives_a_display_sigkill(tmp_path: Path, screen_disk:
         after = capture(port, tmp_path / "after.png")
         assert ImageChops.difference(before, after).getbbox() is None
         assert len(after.crop(text_box(SCREEN_TEXT)).getcolors() or []) >= 6
+
+
+def test_display_screenshot_equals_the_vnc_capture(tmp_path: Path, screen_disk: Path) -> None:
+    """``dvmm display screenshot`` (control plane -> the display's ``screenshot``,
+    a 1024x768 frame sent zlib-compressed) writes what a VNC client sees."""
+    with dvmm_vm(tmp_path, screen_disk, []) as (vm, port):
+        vm.wait_serial(DRAWN, timeout=120)
+        vm.wait_stderr("display0: showing ramfb")
+        assert vm.proc is not None
+        out = tmp_path / "shot.png"
+        done = subprocess.run([*dvmm_argv("display", "screenshot", "--pid", str(vm.proc.pid),
+                                          "--out", str(out))],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"{out}: 1024x768"
+        shot = Image.open(out)
+        assert shot.format == "PNG" and shot.mode == "RGB"
+        vnc = capture(port, tmp_path / "vnc.png")
+        assert ImageChops.difference(shot, vnc).getbbox() is None
+        assert len(shot.crop(text_box(SCREEN_TEXT)).getcolors() or []) >= 6
+        # The same VM asked for a display it does not have: one line, exit 1.
+        done = subprocess.run([*dvmm_argv("display", "screenshot", "--pid", str(vm.proc.pid),
+                                          "--name", "display9", "--out", str(out))],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and "has no display" in done.stderr, done.stderr

@@ -56,6 +56,7 @@ COMMANDS = (
             "dvmm_core.control_cli", "add_parsers"),
     Command("fault", "inject a fault into one backend", "dvmm_core.control_cli",
             "add_parsers"),
+    Command("display", "a running VM's display (screenshot)", "dvmm_core.display_cli"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
 )
 
