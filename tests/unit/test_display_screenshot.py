@@ -5,6 +5,7 @@ small (raw), large but compressible (zlib) and large noise (bands of rows)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Iterator
@@ -85,7 +86,7 @@ def test_screenshot_writes_the_displayed_frame(tmp_path: Path, served: Served, w
     if how == "bands":  # every row asked for once, in order
         spans = [(c["y"], c["rows"]) for c in banded[1:]]
         assert spans[0][0] == 0 and sum(r for _, r in spans) == height
-        assert all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_no_display_is_a_one_line_error(tmp_path: Path,
