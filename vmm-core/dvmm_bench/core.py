@@ -14,6 +14,12 @@ there) and halts.  The same image runs, in the same invocation, alternating:
 * in this process on dvmm's KVM layer alone (``Vm``, ``Vcpu``, ``VcpuRunner``
   and a bare port bus), to separate the machine's cost from the run loop's.
 
+dvmm is started the way an installed Python package starts: with its
+modules' bytecode cached (a private ``PYTHONPYCACHEPREFIX`` in the work
+directory, filled by a warm-up start that is not counted).  A start with the
+environment as given -- where ``PYTHONDONTWRITEBYTECODE=1`` makes every start
+compile every dvmm module -- is measured too and shown in the detail table.
+
 Each loop is also run with ``nop`` in place of the ``out``: same instructions,
 no exit.  On kvm_pvm guest code at CPL0 (real mode included) is emulated in
 software, so the loop's own instructions cost about as much as an exit; the
@@ -108,12 +114,27 @@ def dvmm_argv(image: Path) -> list[str]:
             "--firmware", str(image), "--serial", "stdio"]
 
 
-def timeline(argv: list[str], log: Path, timeout: float = 120.0) -> Timeline:
+def cached_env(work: Path) -> dict[str, str]:
+    """The environment of a dvmm whose bytecode is cached (see the module doc)."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    return env
+
+
+def environment_note() -> str:
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return "no bytecode cache (PYTHONDONTWRITEBYTECODE)"
+    return "environment as given"
+
+
+def timeline(argv: list[str], log: Path, timeout: float = 120.0,
+             env: dict[str, str] | None = None) -> Timeline:
     """Spawn ``argv`` and timestamp the guest's S and D on its stdout."""
     start = time.monotonic()
     with log.open("ab") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err)
+                                stderr=err, env=env)
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -214,30 +235,40 @@ class Settings:
 
 @dataclass
 class Samples:
-    """Per VMM ("dvmm", "qemu", "kvm-layer"): loops with out and with nop, and timelines."""
+    """Per VMM ("dvmm", "qemu", "kvm-layer"): loops with out and with nop, and timelines
+    (``start["dvmm-as-is"]``: dvmm started with the environment as given)."""
 
     out: dict[str, list[float]]
     nop: dict[str, list[float]]
     start: dict[str, list[Timeline]]
 
 
+AS_IS = "dvmm-as-is"
+
+
 def run(settings: Settings, work: Path, progress: Callable[[str], None]) -> Samples:
     images = {}
-    for name, insn in (("out", OUT_DX_AL), ("nop", NOP)):
+    for name, insn, turns in (("out", OUT_DX_AL, settings.turns), ("nop", NOP, settings.turns),
+                              ("start", NOP, 1)):
         images[name] = work / f"tiny-bios-{name}.bin"
-        images[name].write_bytes(guest_image(settings.turns, insn))
+        images[name].write_bytes(guest_image(turns, insn))
     s = Samples({}, {}, {})
     argvs = {"dvmm": dvmm_argv, PEER: qemu_argv}
+    envs = {"dvmm": cached_env(work), PEER: None}
+    timeline(dvmm_argv(images["start"]), work / "dvmm.log", env=envs["dvmm"])  # warm-up
     for r in range(settings.runs):
         order = ["dvmm", PEER] if r % 2 == 0 else [PEER, "dvmm"]
         for vmm in order:
             for name, store in (("out", s.out), ("nop", s.nop)):
-                t = timeline(argvs[vmm](images[name]), work / f"{vmm}.log")
+                t = timeline(argvs[vmm](images[name]), work / f"{vmm}.log", env=envs[vmm])
                 store.setdefault(vmm, []).append(t.done - t.first)
                 if name == "out":
                     s.start.setdefault(vmm, []).append(t)
                 progress(f"run {r + 1} {vmm:4} {name}: start {t.first * 1e3:6.1f} ms, "
                          f"loop {t.done - t.first:6.3f} s")
+        t = timeline(dvmm_argv(images["start"]), work / "dvmm.log")
+        s.start.setdefault(AS_IS, []).append(t)
+        progress(f"run {r + 1} dvmm start, {environment_note()}: {t.first * 1e3:6.1f} ms")
         for name, store in (("out", s.out), ("nop", s.nop)):
             loop = kvm_layer_loop(images[name].read_bytes())
             store.setdefault("kvm-layer", []).append(loop)
@@ -281,6 +312,12 @@ def detail(s: Samples, settings: Settings) -> str:
         lines.append(f"{v:10} {median(s.out[v]):12.3f} {median(s.nop[v]):12.3f} "
                      f"{exit_us(s, v, settings.turns):10.2f} "
                      f"{median(s.nop[v]) / settings.turns * 1e6:18.2f}")
+    lines.append("")
+    lines.append(f"{'start to first insn (ms)':52} {'median':>7} {'min':>7} {'max':>7}")
+    for label, key in (("dvmm, bytecode cached", "dvmm"),
+                       (f"dvmm, {environment_note()}", AS_IS), (PEER, PEER)):
+        firsts = [t.first * 1e3 for t in s.start[key]]
+        lines.append(f"  {label:50} {median(firsts):7.1f} {min(firsts):7.1f} {max(firsts):7.1f}")
     return "\n".join(lines)
 
 

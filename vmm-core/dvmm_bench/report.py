@@ -117,9 +117,10 @@ GOALS = (
          "blk shm randread-4k-qd1 p50 lat (us)", 1.5, LOWER),
     Goal("net 1500-byte frames/s TX vs testpmd", "net tx-1500 frames/s", 0.3, HIGHER),
     Goal("net 1500-byte frames/s RX vs testpmd", "net rx-1500 frames/s", 0.3, HIGHER),
-    Goal("core exit round trip vs QEMU", "core port-exit-loop exit time (us)", 2.0, LOWER),
+    # The core's goals are issue 9's (issue 5 had 2.0 and 1.0).
+    Goal("core exit round trip vs QEMU", "core port-exit-loop exit time (us)", 1.3, LOWER),
     Goal("core start-up to first guest instruction vs QEMU",
-         "core tiny-bios start to first insn (ms)", 1.0, LOWER),
+         "core tiny-bios start to first insn (ms)", 1.5, LOWER),
 )
 
 
