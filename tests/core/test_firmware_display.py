@@ -116,12 +116,14 @@ def screen_disk(tmp_path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def dvmm_vm(tmp_path: Path, disk: Path, extra: list[str]) -> Iterator[tuple[CoreVM, int]]:
-    """``dvmm run --display vnc=...`` and its VNC port; stops cleanly."""
+def dvmm_vm(tmp_path: Path, disk: Path, extra: list[str], display: str = ""
+            ) -> Iterator[tuple[CoreVM, int]]:
+    """``dvmm run --display vnc=...`` (then ``display`` options) and its VNC
+    port; stops cleanly."""
     port = free_vnc_port()
     (tmp_path / "dvmm").mkdir()
     args = ["--firmware", "seabios", "--memory", "128",
-            "--display", f"vnc=127.0.0.1:{port}", "--disk", str(disk), *extra]
+            "--display", f"vnc=127.0.0.1:{port}{display}", "--disk", str(disk), *extra]
     with CoreVM(tmp_path / "dvmm", args) as vm:
         yield vm, port
         assert vm.stop() == 0, vm.diagnostics()
@@ -248,3 +250,16 @@ def test_display_screenshot_equals_the_vnc_capture(tmp_path: Path, screen_disk: 
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1 and "has no display" in done.stderr, done.stderr
+
+
+def test_firmware_boots_beside_a_virtio_gpu_function(tmp_path: Path, screen_disk: Path) -> None:
+    """``gpu=virtio``: SeaBIOS finds the virtio-gpu-pci function (a display
+    controller, class 0380, which it runs no option ROM for) behind the disk,
+    boots the disk, and the screen is still ramfb's, scanned out by the same
+    display process that serves the virtio-gpu queues."""
+    with dvmm_vm(tmp_path, screen_disk, [], display=",gpu=virtio") as (vm, port):
+        vm.wait_serial(DRAWN, timeout=120)
+        assert "init bdf=00:03.0 id=1af4:1050" in vm.firmware(), vm.diagnostics()
+        vm.wait_stderr("display0: showing ramfb")
+        shot = capture(port, tmp_path / "dvmm.png")
+        assert len(shot.crop(text_box(SCREEN_TEXT)).getcolors() or []) >= 6

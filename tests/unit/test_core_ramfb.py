@@ -325,7 +325,8 @@ def test_display_spec_backend_args() -> None:
     ("vnc=127.0.0.1:65536", "HOST:PORT"),
     ("vnc=:5900", "HOST:PORT"),
     ("password-file=/nonexistent", "does not exist"),
-    ("vnc=127.0.0.1:5900,gpu=virtio", "bad option"),
+    ("vnc=127.0.0.1:5900,gpu=vga", "gpu= must be virtio"),
+    ("vnc=127.0.0.1:5900,scale=2", "bad option"),
     ("", "give vnc="),
 ])
 def test_display_option_errors_are_one_line(text: str, why: str) -> None:
@@ -340,3 +341,5 @@ def test_display_option_parses(tmp_path: Path) -> None:
     assert parse_display(f"vnc=127.0.0.1:5901,password-file={pw}") == DisplaySpec(
         "127.0.0.1:5901", str(pw))
     assert parse_display("vnc=[::1]:0") == DisplaySpec("[::1]:0")
+    assert parse_display("vnc=127.0.0.1:0,gpu=virtio") == DisplaySpec("127.0.0.1:0", None,
+                                                                      "virtio")

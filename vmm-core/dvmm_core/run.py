@@ -87,9 +87,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N][,restart=P]",
                    help="a virtio-net NIC served by a dvmm net backend on a TAP device or "
                         "a VM-to-VM peer link, or by an external vhost-user-net socket")
-    p.add_argument("--display", metavar="vnc=HOST:PORT[,password-file=F]",
+    p.add_argument("--display", metavar="vnc=HOST:PORT[,password-file=F][,gpu=virtio]",
                    help="a display process serving the screen (ramfb) over VNC; VNC "
-                        "keyboard and mouse reach the guest as PS/2 devices")
+                        "keyboard and mouse reach the guest as PS/2 devices; gpu=virtio "
+                        "adds a virtio-gpu-pci function served by the same process")
     p.add_argument("--boot-menu", nargs="?", type=int, const=2500, metavar="MS",
                    help="let SeaBIOS offer its boot menu (ESC or F12), waiting MS "
                         "milliseconds for the key (default 2500)")
@@ -178,8 +179,8 @@ def parse_net(text: str) -> NetSpec:
 
 
 def parse_display(text: str) -> DisplaySpec:
-    """``vnc=HOST:PORT[,password-file=F]``."""
-    vnc, password = None, None
+    """``vnc=HOST:PORT[,password-file=F][,gpu=virtio]``."""
+    vnc, password, gpu = None, None, None
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if key == "vnc" and sep and value:
@@ -191,12 +192,16 @@ def parse_display(text: str) -> DisplaySpec:
             if not os.path.isfile(value):
                 raise UsageError(f"--display {text}: password file {value} does not exist")
             password = os.path.abspath(value)
+        elif key == "gpu" and sep:
+            if value != "virtio":
+                raise UsageError(f"--display {text}: gpu= must be virtio, got {value!r}")
+            gpu = value
         else:
             raise UsageError(f"--display {text}: bad option {item!r} "
-                             "(known: vnc=HOST:PORT, password-file=F)")
+                             "(known: vnc=HOST:PORT, password-file=F, gpu=virtio)")
     if vnc is None:
         raise UsageError(f"--display {text}: give vnc=HOST:PORT")
-    return DisplaySpec(vnc, password)
+    return DisplaySpec(vnc, password, gpu)
 
 
 def build_config(args: argparse.Namespace) -> MachineConfig:

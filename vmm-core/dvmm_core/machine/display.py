@@ -12,6 +12,10 @@ Owns the core's side of ``dvmm run --display vnc=HOST:PORT``
   scans the framebuffer out of it -- the core never copies a pixel.  The
   link connects on its own thread once the vCPUs run (as ``vhost_devices``
   does for a PCI device), and reconnects after a restart like every link;
+* with ``gpu=virtio`` the same process also serves the virtio-gpu-pci
+  function (1af4:1050): the machine plugs it as any vhost device
+  (``vhost_devices``: transport, MSI-X, ioeventfd kicks, reconnection), and
+  that device's link is the display's link -- one vhost-user connection;
 * the ramfb configuration the guest writes (``ramfb``) goes to the display
   process as the ``ramfb`` control command -- from a sender thread, never
   from the vCPU that wrote it -- and again after every restart of the
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 
     from ..supervisor import Backend, Supervisor
     from ..vhost_user_frontend import RamRegion, VhostUserLink
+    from .vhost_devices import VhostDevice
 
 log = logging.getLogger("dvmm.display")
 
@@ -48,10 +53,11 @@ SEND_TIMEOUT = 2.0
 
 @dataclass(frozen=True)
 class DisplaySpec:
-    """``--display vnc=HOST:PORT[,password-file=F]``."""
+    """``--display vnc=HOST:PORT[,password-file=F][,gpu=virtio]``."""
 
     vnc: str
     password_file: str | None = None
+    gpu: str | None = None  # "virtio": a virtio-gpu-pci function served by the display
 
     def backend_args(self, core_control: str) -> list[str]:
         args = ["--vnc", self.vnc, "--core-control", core_control]
@@ -74,12 +80,15 @@ class DisplayHost(Protocol):
 
 class DisplayLink:
     """The running display process as the core sees it: its vhost-user link
-    (memory table only) and the ramfb configuration it must show."""
+    (memory table only, or the virtio-gpu ``device``'s) and the ramfb
+    configuration it must show."""
 
-    def __init__(self, host: DisplayHost, backend: Backend, name: str = DISPLAY_NAME) -> None:
+    def __init__(self, host: DisplayHost, backend: Backend, name: str = DISPLAY_NAME,
+                 device: VhostDevice | None = None) -> None:
         self.host = host
         self.backend = backend
         self.name = name
+        self.device = device
         self.link: VhostUserLink | None = None
         self.sent: RamfbConfig | None = None  # what the display process last accepted
         self._config: RamfbConfig | None = None
@@ -98,6 +107,9 @@ class DisplayLink:
 
     # -- the link ---------------------------------------------------------------
     def _connect(self) -> None:
+        if self.device is not None:
+            self._adopt(self.device)
+            return
         from ..supervisor import SupervisorError
         from ..vhost_user_frontend import LinkDown, VhostUserLink
 
@@ -118,6 +130,16 @@ class DisplayLink:
                 host.start_failed(f"display: {exc}")
             return
         with self._cond:
+            self._connected = True
+            self._cond.notify_all()
+
+    def _adopt(self, device: VhostDevice) -> None:
+        """The virtio-gpu device's connector brings the link up (and reports
+        its failure itself); the display only waits for it."""
+        if device.wait() is None:
+            return
+        with self._cond:
+            self.link = device.link
             self._connected = True
             self._cond.notify_all()
 
@@ -179,5 +201,5 @@ class DisplayLink:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=15)
-        if self.link is not None:
+        if self.link is not None and self.device is None:  # else the device closes it
             self.link.close()

@@ -67,6 +67,7 @@ FIRST_PCI_SLOT = 2
 NET_CONFIG_SIZE = 12  # mac, status, max_virtqueue_pairs, mtu (virtio 1.2 5.1.4)
 PXE_VIRTIO_ROM = "/usr/lib/ipxe/qemu/pxe-virtio.rom"
 BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + pad
+GPU_CONFIG_SIZE = 16  # events_read, events_clear, num_scanouts, num_capsets (virtio 1.2 5.7.4)
 
 
 class MachineError(Exception):
@@ -298,8 +299,11 @@ class Machine:
                                                    [*args, *self.cfg.backend_args],
                                                    restart=restart, control=True,
                                                    standby=self.cfg.standby)
-        device = VhostDevice(self, name, device_type, config_size, socket=socket,
-                             backend=backend)
+        self._plug(VhostDevice(self, name, device_type, config_size, socket=socket,
+                               backend=backend))
+
+    def _plug(self, device: VhostDevice) -> None:
+        """The device's PCI slot, held until its backend is up."""
         slot = FIRST_PCI_SLOT + len(self.devices)
         self.pci.add(slot, PendingFunction(device, self.pci, slot))
         self.devices.append(device)
@@ -317,7 +321,12 @@ class Machine:
                                                [*args, *self.cfg.backend_args],
                                                restart=self.cfg.restart, control=True,
                                                standby=self.cfg.standby)
-        self.display = DisplayLink(self, backend)
+        device = None
+        if spec.gpu == "virtio":  # the display's link is this device's (``display``)
+            device = VhostDevice(self, DISPLAY_NAME, VirtioDeviceId.GPU, GPU_CONFIG_SIZE,
+                                 backend=backend)
+            self._plug(device)
+        self.display = DisplayLink(self, backend, device=device)
         self.ramfb = Ramfb(self.ram.mem, self.display.show)
         self.ramfb.attach(self.fw_cfg, rom)
 
