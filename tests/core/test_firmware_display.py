@@ -207,11 +207,15 @@ def test_firmware_boot_menu_opens_on_a_vnc_key(tmp_path: Path, screen_disk: Path
                                      Image.new("RGB", (400, 48))).getbbox() is not None
 
 
-def test_firmware_screen_survives_a_display_sigkill(tmp_path: Path, screen_disk: Path) -> None:
+@pytest.mark.parametrize("display", ["", ",gpu=virtio"])
+def test_firmware_screen_survives_a_display_sigkill(tmp_path: Path, screen_disk: Path,
+                                                    display: str) -> None:
     """The guest has halted (interrupts off) after drawing: only the core's
     resend of the ramfb configuration on ``device-restored`` can put the
-    picture back on the restarted display process's screen."""
-    with dvmm_vm(tmp_path, screen_disk, []) as (vm, port):
+    picture back on the restarted display process's screen.  With
+    ``gpu=virtio`` the link is the virtio-gpu device's, restored by the
+    generic vhost device path."""
+    with dvmm_vm(tmp_path, screen_disk, [], display) as (vm, port):
         vm.wait_serial(DRAWN, timeout=120)
         vm.wait_stderr("display0: showing ramfb")
         before = capture(port, tmp_path / "before.png")
