@@ -18,8 +18,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from dvmm_shared.cli import run_main
 
@@ -30,8 +29,7 @@ memory and serves its virtqueues itself.
 """
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """A subcommand: ``register(sub)`` in ``module`` adds its full parser
     (and may add sibling commands, as :mod:`.control_cli` does)."""
 

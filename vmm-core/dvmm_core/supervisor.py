@@ -40,9 +40,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # imported when the first backend starts (a VM may have none)
     import subprocess
@@ -85,8 +84,7 @@ class RestartPolicy(Enum):
             raise ValueError(f"unknown restart policy {text!r} (known: {known})") from None
 
 
-@dataclass(frozen=True)
-class RestartSpec:
+class RestartSpec(NamedTuple):
     """When and how fast a dead backend is started again."""
 
     policy: RestartPolicy = RestartPolicy.ON_FAILURE
@@ -114,25 +112,33 @@ class SupervisorError(Exception):
     """A backend could not be started."""
 
 
-@dataclass
 class Backend:
-    name: str
-    argv: list[str]
-    socket: str
-    restart: RestartSpec = field(default_factory=RestartSpec)
-    control: str | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    state: BackendState = BackendState.STARTING
-    returncode: int | None = None
-    restarts: int = 0
-    started_at: float = 0.0
-    given_up_reason: str | None = None
-    last_exit: str | None = None
-    standby: bool = False
-    _spare: tuple[subprocess.Popen[bytes], int] | None = field(default=None, repr=False)
-    _restart_times: deque[float] = field(default_factory=deque, repr=False)
-    _quick_failures: int = field(default=0, repr=False)
-    _forced: bool = field(default=False, repr=False)
+    """One supervised backend process (a plain class: no dataclass to create
+    at start-up)."""
+
+    def __init__(self, name: str, argv: list[str], socket: str,
+                 restart: RestartSpec | None = None, control: str | None = None, *,
+                 standby: bool = False) -> None:
+        self.name = name
+        self.argv = argv
+        self.socket = socket
+        self.restart = restart or RestartSpec()
+        self.control = control
+        self.standby = standby
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state = BackendState.STARTING
+        self.returncode: int | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+        self.given_up_reason: str | None = None
+        self.last_exit: str | None = None
+        self._spare: tuple[subprocess.Popen[bytes], int] | None = None
+        self._restart_times: deque[float] = deque()
+        self._quick_failures = 0
+        self._forced = False
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, pid={self.pid}, state={self.state.value})"
 
     @property
     def pid(self) -> int:

@@ -14,7 +14,7 @@ import ctypes
 import errno
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .ioctls import (
     KVM_CHECK_EXTENSION,
@@ -57,8 +57,7 @@ IOAPIC_PINS = 24
 PAGE_SIZE = 4096
 
 
-@dataclass(frozen=True)
-class IrqchipRoute:
+class IrqchipRoute(NamedTuple):
     """GSI → pin of an in-kernel interrupt controller (PIC master/slave, IOAPIC)."""
 
     gsi: int
@@ -70,8 +69,7 @@ class IrqchipRoute:
         e.u.irqchip.irqchip, e.u.irqchip.pin = self.irqchip, self.pin
 
 
-@dataclass(frozen=True)
-class MsiRoute:
+class MsiRoute(NamedTuple):
     """GSI → MSI message (an MSI-X table entry copied straight; no device ID)."""
 
     gsi: int

@@ -19,8 +19,7 @@ import bisect
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger("dvmm.bus")
 
@@ -41,8 +40,7 @@ CACHE_LIMIT = 8192
 _Hit = tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]]
 
 
-@dataclass(frozen=True)
-class _Range:
+class _Range(NamedTuple):
     base: int
     length: int
     device: BusDevice

@@ -9,7 +9,7 @@ KVM memory slots, the vhost-user memory table and the e820 map.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -25,15 +25,13 @@ EBDA_START = 0x9FC00
 LEGACY_HOLE_END = 0x100000
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     kind: int
 
 
-@dataclass(frozen=True)
-class RamChunk:
+class RamChunk(NamedTuple):
     """A piece of guest RAM: guest address, size, and offset in the RAM memfd."""
 
     guest_addr: int
@@ -41,8 +39,7 @@ class RamChunk:
     fd_offset: int
 
 
-@dataclass(frozen=True)
-class RamLayout:
+class RamLayout(NamedTuple):
     total: int
 
     @property

@@ -29,8 +29,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
+from typing import NamedTuple
 
 from dvmm_shared.memory import GuestMemory, GuestMemoryError
 
@@ -118,15 +118,15 @@ _FILE_ENTRY = struct.Struct(">IHH56s")
 _ZERO_CHUNK = bytes(64 * 1024)
 
 
-@dataclass
 class _Item:
-    data: bytearray
-    writable: bool = False
-    on_write: Callable[[bytes], None] | None = field(default=None, repr=False)
+    __slots__ = ("data", "on_write", "writable")
+
+    def __init__(self, data: bytearray, writable: bool = False,
+                 on_write: Callable[[bytes], None] | None = None) -> None:
+        self.data, self.writable, self.on_write = data, writable, on_write
 
 
-@dataclass
-class _Dma:
+class _Dma(NamedTuple):
     control: int
     length: int
     address: int

@@ -11,15 +11,13 @@ be torn down in the order KVM needs: deassign the irqfd, then drop the route.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 FIRST_MSI_GSI = 24
 MAX_GSI = 4096
 
 
-@dataclass(frozen=True)
-class MsiRouteSpec:
+class MsiRouteSpec(NamedTuple):
     gsi: int
     address_lo: int
     address_hi: int

@@ -30,7 +30,7 @@ import mmap
 import os
 import queue
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dvmm_shared.memory import GuestMemory, Region, RegionSpec, buffer_address
@@ -293,8 +293,8 @@ class Machine:
         ``vhost_devices``: the device's first access waits for its backend)."""
         backend = None
         if socket is None:
-            restart = self.cfg.restart if policy is None else replace(self.cfg.restart,
-                                                                       policy=policy)
+            restart = (self.cfg.restart if policy is None
+                       else self.cfg.restart._replace(policy=policy))
             backend = self.supervisor.spawn_python(name, module,
                                                    [*args, *self.cfg.backend_args],
                                                    restart=restart, control=True,

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from .bus import Bus
 
@@ -83,11 +83,10 @@ class BarKind(StrEnum):
     ROM = "rom"
 
 
-@dataclass(frozen=True)
-class Bar:
+class Bar(NamedTuple):
     """A BAR: ``index`` 0-5 (6 for the ROM), power-of-two ``size``."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, on purpose
     size: int
     kind: BarKind
     prefetch: bool = False
