@@ -75,6 +75,7 @@ class MemDisk:
     sectors: int = 64
     fail: frozenset[int] = frozenset()
     read_only: bool = False
+    memory_backed: bool = False
     calls: list[tuple[str, object]] = field(default_factory=list)
     written: set[int] = field(default_factory=set)
 
@@ -151,7 +152,8 @@ class Posted:
 class EngineRig:
     """The real BlkDevice over a MemDisk and a ManualEngine, one tracked ring."""
 
-    def __init__(self, ring_size: int = 64, fail: frozenset[int] = frozenset()) -> None:
+    def __init__(self, ring_size: int = 64, fail: frozenset[int] = frozenset(),
+                 memory_backed: bool = False) -> None:
         self.rp: RingPair = ring_pair(ring_size, event_idx=True)
         fd, self.region = InflightRegion.allocate(1, ring_size, 1)
         os.close(fd)
@@ -160,7 +162,7 @@ class EngineRig:
         self.tracker: InflightQueue = tracker
         self.rp.device.recover_inflight(tracker)
         self.engine = ManualEngine()
-        self.disk = MemDisk(fail=fail)
+        self.disk = MemDisk(fail=fail, memory_backed=memory_backed)
         self.device = BlkDevice(self.disk, engine=self.engine)
         self.host = RingHost(self.rp.device)
         self.device.attach(self.host)

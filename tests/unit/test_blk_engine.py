@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import random
 import select
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from dvmm_shared.virtio import VirtioBlkReqType as T
 
 from .blk_engine_rig import SECTOR, EngineRig
 from .helpers import DaemonThread, make_image, run_blk
-from .test_blk_e2e import ALL_FEATURES, post, status
+from .test_blk_e2e import ALL_FEATURES, complete, post, status
 
 OK, IOERR, UNSUPP = 0, 1, 2
 DEADLINE = 20.0  # seconds: only bounds a failing test, never judged
@@ -175,6 +177,16 @@ def test_overlapping_requests_keep_their_order() -> None:
     rig.engine.wait(0)
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
     assert [c for c in rig.disk.calls if c[1] == 1] == [("write", 1), ("read", 1), ("write", 1)]
+
+
+def test_a_memory_backed_image_is_served_on_the_loop_thread() -> None:
+    """tmpfs: every request is a copy; workers would only fight the loop
+    for the GIL, so the pass is served inline, in order."""
+    rig = EngineRig(memory_backed=True)
+    reads = [rig.post("R", s) for s in range(6)]
+    rig.service()
+    assert not rig.engine.queued
+    assert [h for h, _ in rig.rp.driver.get_used()] == [p.head for p in reads]
 
 
 def test_completions_are_published_in_the_order_they_finish() -> None:
@@ -330,6 +342,34 @@ def test_get_vring_base_waits_for_the_requests_in_flight(
         stopper.join(DEADLINE)
         assert base == [2]  # both taken; the reply came once both were returned
         assert ring.queue.get_used() == [(slow.head, SECTOR + 1)]
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm (tmpfs) here")
+def test_a_tmpfs_image_through_the_daemon(tmp_path: Path) -> None:
+    """Writes, overlapping reads and a flush in one batch on a memory-backed
+    image (served on the loop thread, in order)."""
+    shm = Path(tempfile.mkdtemp(prefix="dvmm-blk-engine-", dir="/dev/shm"))
+    try:
+        disk = RawDisk(str(make_image(shm / "d.img", 256 * SECTOR)))
+        device = BlkDevice(disk, engine=ThreadEngine(4))
+        assert device.memory_backed
+        with DaemonThread(device, tmp_path / "blk.sock") as dt, \
+                SyntheticVM(mem_size=4 << 20) as vm:
+            vm.connect(dt.path, ALL_FEATURES)
+            ring = vm.rings[0]
+            writes = [post(vm, ring, T.OUT, s, out=bytes([s + 1]) * SECTOR)
+                      for s in range(0, 40, 2)]
+            reads = [post(vm, ring, T.IN, s, in_len=SECTOR) for s in range(20)]
+            flush = post(vm, ring, T.FLUSH)
+            done = complete(ring, len(writes) + len(reads) + 1)
+            assert all(status(vm, p) == OK for p in (*writes, *reads, flush))
+            assert [done[p.head] for p in reads] == [SECTOR + 1] * len(reads)
+            for s, p in enumerate(reads):  # each read comes after the write before it
+                got = vm.mem.read(p.data_addr, SECTOR)
+                assert got == bytes([s + 1]) * SECTOR if s % 2 == 0 else \
+                    got[:8] == s.to_bytes(8, "little")
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 # -- the command line ---------------------------------------------------------------

@@ -94,9 +94,11 @@ class Checker:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps)
-def test_random_completion_orders(plan: list[tuple[str, int, str]]) -> None:
-    rig = EngineRig(ring_size=64, fail=FAILING)
+@given(steps, st.booleans())
+def test_random_completion_orders(plan: list[tuple[str, int, str]], memory: bool) -> None:
+    """``memory``: a tmpfs-like image (served on the loop thread whenever
+    nothing is in flight)."""
+    rig = EngineRig(ring_size=64, fail=FAILING, memory_backed=memory)
     check = Checker(rig)
     posted = 0
     for action, n, kind in plan:

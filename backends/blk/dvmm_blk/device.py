@@ -106,6 +106,7 @@ class BlkDevice(VhostUserBackend):
         self.dispatcher = Dispatcher(self, engine) if engine is not None else None
         self._try_read: Callable[[int, list[memoryview]], bool] | None = getattr(
             disk, "try_read", None)
+        self.memory_backed = bool(getattr(disk, "memory_backed", False))
         self._native: Callable[[str, int, list[memoryview]], Native | None] | None = getattr(
             disk, "native", None)
 
@@ -152,9 +153,22 @@ class BlkDevice(VhostUserBackend):
     def process_queue(self, queue_index: int, queue: SplitQueue,
                       serve: Callable[[int, SplitQueue], bool]) -> bool:
         d = self.dispatcher
-        if d is None or d.host is None:
+        if d is None or d.host is None or (d.idle and self.inline_is_faster(queue)):
             return serve(queue_index, queue)
         return d.serve(d.host, queue_index, queue)
+
+    def inline_is_faster(self, queue: SplitQueue) -> bool:
+        """Serve this pass on the loop thread, one request at a time, when
+        nothing is in flight and a hand-off cannot win: a memory-backed image
+        (tmpfs: every request is a copy, which the GIL keeps from running
+        beside the loop's Python; measured slower with workers, see
+        BENCHMARKS.md) or a single request (queue depth 1: the hand-off
+        would only add its latency)."""
+        if self.memory_backed:
+            return True
+        tracker = queue.inflight
+        return (queue.avail_idx() - queue.last_avail_idx) & 0xFFFF <= 1 and not (
+            tracker is not None and tracker.resubmit)
 
     # -- requests -------------------------------------------------------------
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:

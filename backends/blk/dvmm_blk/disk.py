@@ -30,6 +30,18 @@ _ZERO_CHUNK = bytes(1 << 20)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+#: statfs f_type of filesystems whose files live in memory (linux/magic.h):
+#: tmpfs, hugetlbfs, ramfs.  Their reads and writes are copies that never
+#: wait for a device.
+MEMORY_FS = frozenset({0x01021994, 0x958458F6, 0x858458F6})
+
+
+def filesystem_type(fd: int) -> int | None:
+    """``fstatfs(fd).f_type`` (the first field of struct statfs), or None."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
 
 
 class DiskError(Exception):
@@ -85,6 +97,8 @@ class RawDisk:
             raise
         self._punch_ok = True
         self._nowait_ok = hasattr(os, "RWF_NOWAIT")
+        #: Reads and writes are memory copies (tmpfs): none waits for a device.
+        self.memory_backed = filesystem_type(self.fd) in MEMORY_FS
 
     def _lock(self) -> None:
         # Shared for readers, exclusive for a writer: two backends writing one
@@ -198,6 +212,7 @@ class FaultyDisk:
         self.disk = disk
         self.size = disk.size
         self.read_only = disk.read_only
+        self.memory_backed = bool(getattr(disk, "memory_backed", False))
         self.injected = 0  # operations failed on purpose, for stats
         self._armed: InjectedError | None = None
         self._lock = threading.Lock()

@@ -73,6 +73,7 @@ class Dispatcher:
         self.flushes = FlushBarrier()
         self._busy = 0  # chains taken from any queue and not handed back
         self._queue: SplitQueue | None = None  # the one being served, for peeking
+        self._pass: list[Job] | None = None  # jobs ready to start, while serving
 
     # -- the daemon's side ------------------------------------------------------
     def attach(self, host: BackendHost) -> None:
@@ -86,12 +87,20 @@ class Dispatcher:
 
     def serve(self, host: BackendHost, index: int, queue: SplitQueue) -> bool:
         """Take every available chain of a kicked queue (``process_queue``)."""
-        self._queue = queue
+        self._queue, self._pass = queue, []
         try:
             return host.submit_chains(index, queue, self.start)
         finally:
-            self._queue = None
-            self.engine.push()
+            jobs, self._queue, self._pass = self._pass, None, None
+            self._launch(jobs)
+
+    def _launch(self, jobs: list[Job]) -> None:
+        """Start the jobs a service pass made ready, one per worker, so the
+        device sees them all at once; one ``push`` for the pass."""
+        engine = self.engine
+        for job in jobs:
+            engine.submit(job)
+        engine.push()
 
     # -- taking requests ------------------------------------------------------------
     def start(self, index: int, chain: DescriptorChain) -> int | None:
@@ -124,8 +133,16 @@ class Dispatcher:
         elif isinstance(req, Flush) and not self.flushes.flush(job):
             return None
         if self.overlaps.admit(p, job):
-            self.engine.submit(job)
+            if self._pass is not None:
+                self._pass.append(job)
+            else:
+                self.engine.submit(job)
         return None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing taken and not handed back, on any queue."""
+        return not self._busy
 
     def _alone(self) -> bool:
         q = self._queue
