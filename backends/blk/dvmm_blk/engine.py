@@ -32,7 +32,7 @@ from dvmm_shared.eventfd import EventFd
 
 #: Default worker threads: enough for the queue depth a disk benefits from
 #: (threads block in the kernel, not on the CPU); idle ones cost nothing.
-DEFAULT_THREADS = 16
+DEFAULT_THREADS = 8
 MAX_THREADS = 256
 
 
