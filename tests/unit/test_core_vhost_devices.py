@@ -145,3 +145,13 @@ def test_bus_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     bus.register(0x1000, 0x1000, Reg(0), "bar")
     assert [bus.read(0x1000 + i, 4) for i in range(16)] == list(range(16))
     assert len(bus._hits) == 4
+
+
+def test_an_unserialised_bus_dispatches_the_same() -> None:
+    bus = Bus("pio", serialize=False)
+    reg = Reg(0x30)
+    bus.register(0x3F8, 8, reg, "com1")
+    assert bus.lock is None
+    assert bus.read(0x3F9, 1) == 0x31 and bus.read(0x3F0, 1) == 0xFF
+    bus.write(0x3F8, 1, 0x53)
+    assert reg.writes == [(0, 1, 0x53)]

@@ -195,7 +195,7 @@ def kvm_layer_loop(image: bytes) -> float:
 
     marks: dict[int, float] = {}
     ended = threading.Event()
-    pio, mmio = Bus("pio"), Bus("mmio")
+    pio, mmio = Bus("pio", serialize=False), Bus("mmio", serialize=False)  # one vCPU, as dvmm
     pio.register(COM1, 8, _Port(marks), "com1")
     pio.register(POST_PORT, 1, _Port(), "post")
     pio.register(EXIT_PORT, 4, _Port(), "exit")

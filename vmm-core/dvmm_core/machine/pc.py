@@ -200,7 +200,8 @@ class Machine:
         self.kvm = Kvm(cfg.kvm_path)
         self.layout = RamLayout(cfg.memory)
         self.ram = GuestRam(self.layout, cfg.hugepages)
-        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        solo = cfg.cpus == 1  # one vCPU thread: unserialised buses (see machine.bus)
+        self.pio, self.mmio = Bus("pio", serialize=not solo), Bus("mmio", serialize=not solo)
         self.bios = self._load_firmware(cfg.firmware) if cfg.firmware else None
         self.router = IrqRouter(None)
         self.pump = IntxPump()
