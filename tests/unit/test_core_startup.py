@@ -28,6 +28,7 @@ from dvmm_shared.control import command, runtime_endpoint
 NOT_AT_START = ("dvmm_bench", "dvmm_blk", "dvmm_net", "dvmm_core.guest", "dvmm_core.control_cli",
                 "dvmm_core.boot", "dvmm_core.kvm.probe", "dvmm_core.vhost_user_frontend",
                 "dvmm_core.virtio_pci", "dvmm_shared.vhost_user", "dvmm_shared.control",
+                "dvmm_core.machine.display", "dvmm_core.machine.ramfb", "dvmm_shared.virtio",
                 "psutil", "zmq", "msgpack", "subprocess", "tempfile")
 
 

@@ -21,13 +21,16 @@ import re
 import signal
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
 
 from .kvm.ioctls import KvmError
-from .machine.display import DisplaySpec
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
 from .supervisor import RestartPolicy, RestartSpec, SupervisorError
+
+if TYPE_CHECKING:
+    from .machine.display import DisplaySpec
 
 log = logging.getLogger("dvmm.run")
 
@@ -180,6 +183,8 @@ def parse_net(text: str) -> NetSpec:
 
 def parse_display(text: str) -> DisplaySpec:
     """``vnc=HOST:PORT[,password-file=F][,gpu=virtio]``."""
+    from .machine.display import DisplaySpec
+
     vnc, password, gpu = None, None, None
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")

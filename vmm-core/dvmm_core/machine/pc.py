@@ -34,14 +34,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dvmm_shared.memory import GuestMemory, Region, RegionSpec, buffer_address
-from dvmm_shared.virtio import VirtioDeviceId
 
 from ..core_control import CoreControl
 from ..kvm import Kvm, Vcpu, VcpuRunner, Vm
 from ..supervisor import Backend, RestartPolicy, RestartSpec, Supervisor
 from .bus import Bus
 from .cmos import Cmos
-from .display import DISPLAY_MODULE, DISPLAY_NAME, DisplayLink, DisplaySpec
 from .e820 import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RamLayout
 from .fw_cfg import FwCfg
 from .i8042 import I8042, parse_input_events
@@ -49,13 +47,14 @@ from .intx import IntxPump
 from .irq import IrqRouter
 from .pci import I440fxHostBridge, PciBus, Piix3IsaBridge
 from .platform import DebugCon, FastA20, PostCode, ResetControl
-from .ramfb import VGABIOS_RAMFB, Ramfb, load_vga_rom
 from .serial import Serial
 from .vhost_devices import PendingFunction, VhostDevice
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: not every machine has these (start-up cost)
     from ..vhost_user_frontend import RamRegion, VhostUserLink
     from ..virtio_pci.device import VirtioPciDevice
+    from .display import DisplayLink, DisplaySpec
+    from .ramfb import Ramfb
 
 log = logging.getLogger("dvmm.machine")
 
@@ -270,10 +269,14 @@ class Machine:
         args = ["--image", disk.image] if disk.image is not None else []
         if disk.read_only:
             args.append("--read-only")
+        from dvmm_shared.virtio import VirtioDeviceId
+
         self._add_vhost_device(f"blk{index}", VirtioDeviceId.BLOCK, "dvmm_blk", args,
                                disk.socket, BLK_CONFIG_SIZE, disk.restart)
 
     def add_net(self, net: NetSpec, index: int) -> None:
+        from dvmm_shared.virtio import VirtioDeviceId
+
         args = ["--mac", net.mac or default_mac(index)]
         if net.tap is not None:
             args += ["--tap", net.tap]
@@ -313,6 +316,11 @@ class Machine:
         """The display process (a backend like the others, spawned by the
         supervisor), ramfb for the firmware, and the link that hands the
         display guest RAM (``display``)."""
+        from dvmm_shared.virtio import VirtioDeviceId
+
+        from .display import DISPLAY_MODULE, DISPLAY_NAME, DisplayLink
+        from .ramfb import VGABIOS_RAMFB, Ramfb, load_vga_rom
+
         try:
             rom = load_vga_rom()
         except (OSError, ValueError) as exc:
