@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -338,8 +339,17 @@ class Console:
             termios.tcsetattr(0, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
 
 
+#: How long a Python thread may hold the GIL while another waits for it (CPython's
+#: default is 5 ms).  A vCPU thread returning from KVM_RUN needs the GIL to serve
+#: the exit; while the main thread works (opening the control plane right after
+#: the first instruction, replaying a device after a crash) that exit would wait
+#: up to the whole interval: a guest stall.
+GIL_SWITCH_INTERVAL = 0.001
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging("dvmm", args.verbose, args.quiet)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     cfg = build_config(args)
     sink, close_sink = serial_sink(args.serial)
     cfg.serial_sink = sink
