@@ -139,44 +139,51 @@ def test_make_engine_checks_its_arguments() -> None:
 
 # -- the dispatcher, by hand -------------------------------------------------------
 def test_flush_waits_for_the_writes_issued_before_it() -> None:
+    """w1 has to wait for the read before it (so it is in flight when the
+    flush comes); w3, after the flush, overlaps nothing and is written at once."""
     rig = EngineRig()
-    w1, w2 = rig.post("W", 1), rig.post("W", 2)
-    f = rig.post("F")
-    w3 = rig.post("W", 3)
+    r1, w1, f, w3 = rig.post("R", 1), rig.post("W", 1), rig.post("F"), rig.post("W", 3)
     rig.service()
-    assert rig.engine.queued[-1].head == w3.head  # w1, w2, w3 submitted; the flush held
-    assert {j.head for j in rig.engine.queued} == {w1.head, w2.head, w3.head}
-    rig.engine.run(1)  # w2
+    assert [j.head for j in rig.engine.queued] == [r1.head]  # w1 waits, the flush is held
+    assert rig.rp.driver.get_used() == [(w3.head, 1)]
+    rig.engine.run(0)  # r1: w1 may go, the flush still waits for it
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert f.head not in {j.head for j in rig.engine.queued}
-    rig.engine.run(0)  # w1: every write before the flush is done
+    assert [j.head for j in rig.engine.queued] == [w1.head]
+    rig.engine.run(0)  # w1: now the flush
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert f.head in {j.head for j in rig.engine.queued}  # w3 (after it) is not awaited
-    rig.engine.wait(0)
+    assert [j.head for j in rig.engine.queued] == [f.head]
+    rig.engine.run(0)
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert [h for h, _ in rig.rp.driver.get_used()] == [w2.head, w1.head, w3.head, f.head]
-    assert rig.disk.calls == [("write", 2), ("write", 1), ("write", 3),
-                              ("flush", frozenset({1, 2, 3}))]
+    assert [h for h, _ in rig.rp.driver.get_used()] == [r1.head, w1.head, f.head]
+    assert rig.disk.calls == [("write", 3), ("read", 1), ("write", 1),
+                              ("flush", frozenset({1, 3}))]
+    assert rig.rp.mem.read(r1.data, SECTOR) == bytes([1]) * SECTOR  # before w1
 
 
 def test_overlapping_requests_keep_their_order() -> None:
-    """Read after write, write after read, write after write of one sector:
-    each waits for the one before; other sectors and reads of reads do not."""
+    """Write after read, read after write, write after write of one sector:
+    each waits for the one before; other sectors do not wait."""
     rig = EngineRig()
-    w1, r1, w2, other, r2 = (rig.post("W", 1), rig.post("R", 1), rig.post("W", 1),
-                             rig.post("R", 2), rig.post("R", 2))
+    r1, w1, r1b, w1b, other = (rig.post("R", 1), rig.post("W", 1), rig.post("R", 1),
+                               rig.post("W", 1), rig.post("R", 2))
     rig.service()
-    assert [j.head for j in rig.engine.queued] == [w1.head, other.head, r2.head]
-    rig.engine.run(0)  # w1
+    assert [j.head for j in rig.engine.queued] == [r1.head, other.head]
+    rig.engine.run(0)  # r1: then w1 (only w1: r1b and w1b wait for it)
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert [j.head for j in rig.engine.queued] == [other.head, r2.head, r1.head]
-    rig.engine.run(2)  # r1: then w2 may go
+    assert [j.head for j in rig.engine.queued] == [other.head, w1.head]
+    rig.engine.run(1)  # w1: then r1b; w1b still waits for r1b
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert rig.engine.queued[-1].head == w2.head
-    assert rig.rp.mem.read(r1.data, SECTOR) == bytes([0xA1]) * SECTOR  # w1's data
+    assert [j.head for j in rig.engine.queued] == [other.head, r1b.head]
+    assert w1b.head not in {j.head for j in rig.engine.queued}
     rig.engine.wait(0)
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert [c for c in rig.disk.calls if c[1] == 1] == [("write", 1), ("read", 1), ("write", 1)]
+    rig.engine.wait(0)
+    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
+    assert rig.rp.mem.read(r1.data, SECTOR) == bytes([1]) * SECTOR
+    assert rig.rp.mem.read(r1b.data, SECTOR) == bytes([0xA1]) * SECTOR
+    assert [c for c in rig.disk.calls if c[1] == 1] == [
+        ("read", 1), ("write", 1), ("read", 1), ("write", 1)]
+    assert len(rig.rp.driver.get_used()) == 5
 
 
 def test_a_memory_backed_image_is_served_on_the_loop_thread() -> None:
@@ -205,16 +212,13 @@ def test_completions_are_published_in_the_order_they_finish() -> None:
 
 def test_errors_and_bad_requests() -> None:
     rig = EngineRig(fail=frozenset({7}))
-    bad, gid, w, r = rig.post("X"), rig.post("G"), rig.post("W", 7), rig.post("R", 1)
+    bad, gid, r, w = rig.post("X"), rig.post("G"), rig.post("R", 1), rig.post("W", 7)
     rig.service()
-    # answered at once, without the engine
-    assert sorted(rig.rp.driver.get_used()) == sorted([(bad.head, 1), (gid.head, 21)])
-    assert (rig.status(bad), rig.status(gid)) == (UNSUPP, OK)
-    rig.engine.run(0)
-    rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
-    assert rig.rp.driver.get_used() == [(w.head, 1)] and rig.status(w) == IOERR
+    # answered at once, without the engine: the write (a page-cache copy) too
+    assert rig.rp.driver.get_used() == [(bad.head, 1), (gid.head, 21), (w.head, 1)]
+    assert (rig.status(bad), rig.status(gid), rig.status(w)) == (UNSUPP, OK, IOERR)
     assert rig.device.stats.errors == 1 and rig.device.stats.writes == 0
-    rig.engine.wait(0)
+    rig.engine.run(0)
     rig.device.dispatcher.on_ready()  # type: ignore[union-attr]
     assert rig.rp.driver.get_used() == [(r.head, SECTOR + 1)] and rig.status(r) == OK
 
@@ -246,10 +250,10 @@ def test_cached_reads_are_served_at_once_while_others_are_in_flight() -> None:
         return False
 
     rig.device._try_read = try_read
-    w, hit, miss = rig.post("W", 1), rig.post("R", 9), rig.post("R", 4)
+    miss, w, hit = rig.post("R", 4), rig.post("W", 1), rig.post("R", 9)
     rig.service()
-    assert rig.rp.driver.get_used() == [(hit.head, SECTOR + 1)] and hits == [9]
-    assert {j.head for j in rig.engine.queued} == {w.head, miss.head}
+    assert rig.rp.driver.get_used() == [(w.head, 1), (hit.head, SECTOR + 1)] and hits == [9]
+    assert [j.head for j in rig.engine.queued] == [miss.head]
     assert rig.rp.mem.read(hit.data, SECTOR) == bytes([9]) * SECTOR
 
 

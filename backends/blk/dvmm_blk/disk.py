@@ -288,7 +288,17 @@ def _vector_io(call: object, fd: int, offset: int, bufs: list[memoryview], what:
     """preadv/pwritev all of ``bufs``, resuming after short transfers."""
     fn = call  # os.preadv or os.pwritev
     assert callable(fn)
-    pending = [b for b in bufs if len(b)]
+    if len(bufs) <= IOV_MAX:  # the hot path: one call does it all
+        done = fn(fd, bufs, offset)
+        total = sum(map(len, bufs))
+        if done == total:
+            return
+        if done <= 0:
+            raise OSError(errno.EIO, f"short {what} at offset {offset}")
+        offset += done
+        pending = _advance([b for b in bufs if len(b)], done)
+    else:
+        pending = [b for b in bufs if len(b)]
     while pending:
         batch = pending[:IOV_MAX]
         done = fn(fd, batch, offset)

@@ -12,10 +12,9 @@ polling.  What a job means (status byte, ordering, used ring) is
 makes (``os.preadv``/``os.pwritev``/``fdatasync``/``fallocate`` through
 ctypes) release the GIL, so the copies between the page cache and guest
 memory run on the other CPU while the loop parses the next requests, and the
-disk sees as many requests as there are busy workers.  io_uring was measured
-as the alternative and is not used: see the module notes in BENCHMARKS.md
-and the issue's closing note (the maintained Python bindings do not run on
-these machines).
+disk sees as many requests as there are busy workers.  It is the default;
+:class:`~.uring.UringEngine` (``--engine io_uring``) is the alternative that
+was measured against it (BENCHMARKS.md, "blk I/O engines").
 """
 
 from __future__ import annotations

@@ -80,9 +80,12 @@ class Overlaps:
         p.blockers = len(earlier)
         return not earlier
 
-    def conflicts(self, lo: int, hi: int) -> bool:
-        """Whether a read of ``[lo, hi)`` would overlap a write in flight."""
-        return any(q.lo < hi and lo < q.hi for q in self._writes)
+    def conflicts(self, lo: int, hi: int, writes: bool = False) -> bool:
+        """Whether a request on ``[lo, hi)`` would have to wait: it overlaps a
+        write in flight, or (if it ``writes``) any request in flight."""
+        if any(q.lo < hi and lo < q.hi for q in self._writes):
+            return True
+        return writes and any(q.lo < hi and lo < q.hi for q in self._reads)
 
     def waiting(self) -> list[Job]:
         """The jobs held behind earlier overlapping ones."""
