@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from dvmm_shared.driver import Buf
 from dvmm_shared.procs import log_tail, spawn, stop
 from dvmm_shared.synthetic import SyntheticVM
@@ -103,6 +104,13 @@ class Sample:
     driver: int      # frames the driver posted (TX) / reaped, any kind (RX)
     stalls: int
     busy: float = 0.0   # the driver's CPU time / elapsed (near 1: the driver is the limit)
+    cpu: float = 0.0    # the backend process's CPU seconds (user + system) in the run
+
+    @property
+    def cpu_per_frame(self) -> float:
+        """Backend CPU seconds per frame it handled: what other work on a
+        shared machine changes least (throughput depends on the CPU it gets)."""
+        return self.cpu / self.driver if self.driver else 0.0
 
     @property
     def fps(self) -> float:
@@ -350,6 +358,11 @@ class Backend:
     kind: str
     tap: str
     driver: NetDriver
+    process: psutil.Process  # ``ip netns exec`` execs the backend in place
+
+    def cpu(self) -> float:
+        t = self.process.cpu_times()
+        return float(t.user + t.system)
 
 
 @contextmanager
@@ -381,7 +394,7 @@ def backend(kind: str, ns: str, work: Path) -> Iterator[Backend]:
         driver = _connect(proc, sock, log, kind)
         try:
             time.sleep(0.2)   # testpmd: the port sees the device become ready
-            yield Backend(kind, tap, driver)
+            yield Backend(kind, tap, driver, psutil.Process(proc.pid))
         finally:
             driver.close()
     finally:
@@ -408,21 +421,24 @@ def measure(be: Backend, ns: str, wl: Workload, seconds: float) -> Sample:
     cpu0 = time.process_time()
     if wl.tx:
         with helper(ns, "read", be.tap, wl.size) as counts:
+            backend0 = be.cpu()
             posted, elapsed, stalls = drv.run_tx(wl.size, seconds)
+            backend = be.cpu() - backend0
             busy = (time.process_time() - cpu0) / elapsed
             time.sleep(0.1)   # frames still in the backend or the socket
         drv.drain_rx()
-        return Sample(counts[0], counts[1], elapsed, posted, stalls, busy)
+        return Sample(counts[0], counts[1], elapsed, posted, stalls, busy, backend)
     drv.drain_rx()
     with helper(ns, "write", be.tap, wl.size):
         time.sleep(0.05)
         drv.drain_rx()
-        cpu0 = time.process_time()
+        cpu0, backend0 = time.process_time(), be.cpu()
         ours, nbytes, total, elapsed, stalls = drv.run_rx(seconds)
         busy = (time.process_time() - cpu0) / elapsed
+        backend = be.cpu() - backend0
     time.sleep(0.05)
     drv.drain_rx()
-    return Sample(ours, nbytes, elapsed, total, stalls, busy)
+    return Sample(ours, nbytes, elapsed, total, stalls, busy, backend)
 
 
 KERNEL_TAP = "dvbn2"
@@ -551,21 +567,26 @@ def compared(out: Outcome, settings: Settings) -> list[Compared]:
 
 def detail(out: Outcome, settings: Settings) -> str:
     lines = [f"{'workload':8} {'backend':10} {'frames/s':>10} {'Gbit/s':>8} {'counted':>9} "
-             f"{'driver':>9} {'stalls':>6} {'busy':>5}"]
+             f"{'driver':>9} {'stalls':>6} {'busy':>5} {'us/frame':>8}"]
     for wl in settings.workloads:
         for kind in ("dvmm", out.peer):
             ss = out.results[(wl.name, kind)]
-            busy = (f"{median(s.busy for s in ss):5.0%}" if kind != FALLBACK else "    -")
+            fallback = kind == FALLBACK
+            busy = f"{median(s.busy for s in ss):5.0%}" if not fallback else "    -"
+            us = median(s.cpu_per_frame for s in ss) * 1e6
+            cpu = f"{us:8.2f}" if not fallback else "       -"
             lines.append(f"{wl.name:8} {kind:10} {median(s.fps for s in ss):10.0f} "
                          f"{median(s.gbps for s in ss):8.3f} "
                          f"{median(s.frames for s in ss):9.0f} "
                          f"{median(s.driver for s in ss):9.0f} "
-                         f"{sum(s.stalls for s in ss):6d} {busy}")
+                         f"{sum(s.stalls for s in ss):6d} {busy} {cpu}")
     lines.append("medians over the rounds (stalls: the sum); counted: frames seen at the "
                  "far end (host AF_PACKET reader for TX, the RX ring for RX); driver: frames "
                  "posted on TX / RX buffers used (any frame); "
                  "busy: the synthetic driver's CPU / elapsed (near 100 %: the Python driver, "
-                 "not the backend, is the limit)")
+                 "not the backend, is the limit); us/frame: the backend process's CPU "
+                 "(user + system) per driver frame, which load from other work changes "
+                 "least (a polling backend such as testpmd spends its whole CPU)")
     return "\n".join(lines)
 
 
