@@ -153,7 +153,7 @@ class EngineRig:
     """The real BlkDevice over a MemDisk and a ManualEngine, one tracked ring."""
 
     def __init__(self, ring_size: int = 64, fail: frozenset[int] = frozenset(),
-                 memory_backed: bool = False) -> None:
+                 memory_backed: bool = False, inline: bool = True) -> None:
         self.rp: RingPair = ring_pair(ring_size, event_idx=True)
         fd, self.region = InflightRegion.allocate(1, ring_size, 1)
         os.close(fd)
@@ -163,7 +163,7 @@ class EngineRig:
         self.rp.device.recover_inflight(tracker)
         self.engine = ManualEngine()
         self.disk = MemDisk(fail=fail, memory_backed=memory_backed)
-        self.device = BlkDevice(self.disk, engine=self.engine)
+        self.device = BlkDevice(self.disk, engine=self.engine, inline=inline)
         self.host = RingHost(self.rp.device)
         self.device.attach(self.host)
         self.device.queue_started(0)

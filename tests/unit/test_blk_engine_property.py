@@ -93,12 +93,14 @@ class Checker:
                     assert id(q) in position and position[id(q)] < position[id(p)]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps, st.booleans())
-def test_random_completion_orders(plan: list[tuple[str, int, str]], memory: bool) -> None:
-    """``memory``: a tmpfs-like image (served on the loop thread whenever
-    nothing is in flight)."""
-    rig = EngineRig(ring_size=64, fail=FAILING, memory_backed=memory)
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps, st.sampled_from(["engine", "inline", "memory"]))
+def test_random_completion_orders(plan: list[tuple[str, int, str]], mode: str) -> None:
+    """``mode``: every request with I/O through the engine, or the default
+    (what needs no device is served inline), or a tmpfs-like image (whole
+    passes inline whenever nothing is in flight)."""
+    rig = EngineRig(ring_size=64, fail=FAILING, memory_backed=mode == "memory",
+                    inline=mode != "engine")
     check = Checker(rig)
     posted = 0
     for action, n, kind in plan:

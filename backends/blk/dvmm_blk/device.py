@@ -95,7 +95,7 @@ class BlkDevice(VhostUserBackend):
     max_queue_size = 1024
 
     def __init__(self, disk: Disk, *, queues: int = 1, serial: str = "dvmm",
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, inline: bool = True) -> None:
         if queues < 1:
             raise ValueError("a block device needs at least one queue")
         self.disk = disk
@@ -103,7 +103,9 @@ class BlkDevice(VhostUserBackend):
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.limits = DiskLimits(capacity=disk.size // VIRTIO_BLK_SECTOR_SIZE)
         self.stats = BlkStats()
-        self.dispatcher = Dispatcher(self, engine) if engine is not None else None
+        #: ``inline``: requests that do not wait for a device are served on
+        #: the loop thread (False: every request with I/O goes to the engine).
+        self.dispatcher = Dispatcher(self, engine, inline=inline) if engine else None
         self._try_read: Callable[[int, list[memoryview]], bool] | None = getattr(
             disk, "try_read", None)
         self.memory_backed = bool(getattr(disk, "memory_backed", False))
@@ -153,7 +155,7 @@ class BlkDevice(VhostUserBackend):
     def process_queue(self, queue_index: int, queue: SplitQueue,
                       serve: Callable[[int, SplitQueue], bool]) -> bool:
         d = self.dispatcher
-        if d is None or d.host is None or (d.idle and self.inline_is_faster(queue)):
+        if d is None or d.host is None or (d.inline and d.idle and self.inline_is_faster(queue)):
             return serve(queue_index, queue)
         return d.serve(d.host, queue_index, queue)
 
@@ -176,16 +178,21 @@ class BlkDevice(VhostUserBackend):
         tmpfs image, a lone request, fault injection)."""
         simple = parse_simple(chain.readable, chain.writable, self.limits)
         if simple is not None:  # the hot path: as few calls as possible
-            return self._serve_simple(*simple)
+            return self.serve_simple(*simple)
         parsed = self._parse_full(queue_index, chain)
         if isinstance(parsed, int):
             return parsed
-        req, status_buf, ok_written = parsed
+        return self.serve(*parsed)
+
+    def serve(self, req: BlkRequest, status_buf: memoryview, ok_written: int) -> int:
+        """Serve a parsed request now; the bytes written into its chain."""
         status = self.execute(req)
         status_buf[0] = status
         return ok_written if status == VirtioBlkStatus.OK else 1
 
-    def _serve_simple(self, req: Read | Write, status_buf: memoryview) -> int:
+    def serve_simple(self, req: Read | Write, status_buf: memoryview) -> int:
+        """Serve a plain read or write now (the hot path: as few calls as
+        possible); the bytes written into its chain."""
         disk, st = self.disk, self.stats
         try:
             if type(req) is Read:

@@ -39,12 +39,21 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from dvmm_shared.vhost_user.backend import BackendHost
-from dvmm_shared.virtio import VirtioBlkStatus
+from dvmm_shared.virtio import VIRTIO_BLK_SECTOR_SIZE, VirtioBlkStatus
 from dvmm_shared.virtqueue import DescriptorChain, SplitQueue
 
 from .engine import Engine, Job
 from .ordering import FlushBarrier, Overlaps, Pending, span
-from .request import BlkRequest, Discard, Flush, Write, WriteZeroes
+from .request import (
+    BlkRequest,
+    Discard,
+    DiskLimits,
+    Flush,
+    Read,
+    Write,
+    WriteZeroes,
+    parse_simple,
+)
 
 log = logging.getLogger("dvmm.blk")
 
@@ -54,6 +63,13 @@ DRAIN_REPORT = 5.0
 
 class RequestServer(Protocol):
     """The device side of a request (:class:`dvmm_blk.device.BlkDevice`)."""
+
+    limits: DiskLimits
+
+    def serve_simple(self, req: Read | Write, status: memoryview) -> int:
+        """Serve a plain read or write now; the bytes written."""
+    def serve(self, req: BlkRequest, status: memoryview, ok_written: int) -> int:
+        """Serve any parsed request now; the bytes written."""
 
     def parse(self, queue_index: int, chain: DescriptorChain
               ) -> tuple[BlkRequest, memoryview, int] | int: ...
@@ -71,9 +87,12 @@ DiskOp = tuple[Callable[..., Any], tuple[Any, ...]]
 class Dispatcher:
     """Requests of every queue of one device through one engine."""
 
-    def __init__(self, device: RequestServer, engine: Engine) -> None:
+    def __init__(self, device: RequestServer, engine: Engine, *, inline: bool = True) -> None:
         self.device = device
         self.engine = engine
+        #: Serve on the loop thread what does not wait for a device (False:
+        #: every request with I/O goes to the engine).
+        self.inline = inline
         self.host: BackendHost | None = None
         #: Chains taken from each queue and not yet handed back.
         self.outstanding: dict[int, int] = {}
@@ -115,26 +134,49 @@ class Dispatcher:
         """A chain just taken from ring ``index``: answered now (the bytes
         written) or taken (None; published when the engine is done)."""
         device = self.device
+        simple = parse_simple(chain.readable, chain.writable, device.limits)
+        if simple is None:
+            return self._start_other(index, chain)
+        rw, status = simple  # the hot path: a plain read or write
+        lo = rw.sector
+        hi = lo + rw.nbytes // VIRTIO_BLK_SECTOR_SIZE
+        if not self.inline:
+            return self._take(index, chain.head, rw, status,
+                              1 if type(rw) is Write else rw.nbytes + 1, lo, hi, type(rw) is Write)
+        if type(rw) is Write:
+            if self.overlaps.conflicts(lo, hi, True):
+                return self._take(index, chain.head, rw, status, 1, lo, hi, True)
+            return device.serve_simple(rw, status)
+        if self._alone():
+            return device.serve_simple(rw, status)
+        if not self.overlaps.conflicts(lo, hi) and device.read_cached(rw):
+            device.account(rw)
+            status[0] = VirtioBlkStatus.OK
+            return rw.nbytes + 1
+        return self._take(index, chain.head, rw, status, rw.nbytes + 1, lo, hi, False)
+
+    def _start_other(self, index: int, chain: DescriptorChain) -> int | None:
+        """Any other request: FLUSH, discard, write-zeroes, GET_ID, bad ones."""
+        device = self.device
         parsed = device.parse(index, chain)
         if isinstance(parsed, int):
             return parsed
         req, status, ok_written = parsed
+        if self._alone():
+            return device.serve(req, status, ok_written)
+        lo, hi, writes = span(req)
+        return self._take(index, chain.head, req, status, ok_written, lo, hi, writes)
+
+    def _take(self, index: int, head: int, req: BlkRequest, status: memoryview,
+              ok_written: int, lo: int, hi: int, writes: bool) -> int | None:
+        """Hand ``req`` to the engine, now or once what it waits for is done."""
+        device = self.device
         op = device.operation(req)
         if isinstance(op, int):  # answered without I/O (GET_ID, a refusal)
             status[0] = op
             return ok_written if op == VirtioBlkStatus.OK else 1
-        if self._alone():
-            return self._now(req, status, ok_written, op)
-        lo, hi, writes = span(req)
-        if type(req) is Write:
-            if not self.overlaps.conflicts(lo, hi, True):
-                return self._now(req, status, ok_written, op)
-        elif not writes and not self.overlaps.conflicts(lo, hi) and device.read_cached(req):
-            device.account(req)
-            status[0] = VirtioBlkStatus.OK
-            return ok_written
         p = Pending(req, status, ok_written, lo=lo, hi=hi, writes=writes)
-        job = Job(op[0], op[1], index, chain.head, p)
+        job = Job(op[0], op[1], index, head, p)
         if self.engine.wants_native:
             job.native = device.native(req)
         self._busy += 1
@@ -157,18 +199,8 @@ class Dispatcher:
 
     def _alone(self) -> bool:
         q = self._queue
-        return not self._busy and q is not None and q.avail_idx() == q.last_avail_idx
-
-    def _now(self, req: BlkRequest, status: memoryview, ok_written: int, op: DiskOp) -> int:
-        """Serve on the loop thread."""
-        try:
-            op[0](*op[1])
-        except OSError as exc:
-            status[0] = self.device.failed(req, exc)
-            return 1
-        self.device.account(req)
-        status[0] = VirtioBlkStatus.OK
-        return ok_written
+        return (self.inline and not self._busy and q is not None
+                and q.avail_idx() == q.last_avail_idx)
 
     # -- handing them back ------------------------------------------------------------
     def on_ready(self) -> None:

@@ -83,9 +83,10 @@ class Overlaps:
     def conflicts(self, lo: int, hi: int, writes: bool = False) -> bool:
         """Whether a request on ``[lo, hi)`` would have to wait: it overlaps a
         write in flight, or (if it ``writes``) any request in flight."""
-        if any(q.lo < hi and lo < q.hi for q in self._writes):
+        if self._writes and any(q.lo < hi and lo < q.hi for q in self._writes):
             return True
-        return writes and any(q.lo < hi and lo < q.hi for q in self._reads)
+        return writes and bool(self._reads) and any(
+            q.lo < hi and lo < q.hi for q in self._reads)
 
     def waiting(self) -> list[Job]:
         """The jobs held behind earlier overlapping ones."""
