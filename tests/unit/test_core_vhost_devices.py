@@ -155,3 +155,24 @@ def test_an_unserialised_bus_dispatches_the_same() -> None:
     assert bus.read(0x3F9, 1) == 0x31 and bus.read(0x3F0, 1) == 0xFF
     bus.write(0x3F8, 1, 0x53)
     assert reg.writes == [(0, 1, 0x53)]
+
+
+def test_the_intx_pump_starts_with_its_first_watch() -> None:
+    import os
+
+    from dvmm_core.machine.intx import IntxPump
+
+    idle = IntxPump()
+    idle.unwatch(5)  # nothing watched, nothing started
+    idle.close()
+    pump = IntxPump()
+    fired = threading.Event()
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        pump.watch(efd, fired.set)
+        os.eventfd_write(efd, 1)
+        assert fired.wait(10)
+        pump.unwatch(efd)
+    finally:
+        pump.close()
+        os.close(efd)
