@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dvmm_blk.disk import RawDisk
-from dvmm_blk.engine import Job
+from dvmm_blk.disk import FaultyDisk, RawDisk
+from dvmm_blk.engine import Job, make_engine
 from dvmm_blk.uring import UringEngine, probe
 from dvmm_shared.synthetic import SyntheticVM
 from dvmm_shared.virtio import VirtioBlkReqType as T
@@ -117,6 +117,22 @@ def test_more_jobs_than_ring_entries(disk: RawDisk) -> None:
         assert all(bytes(b[:8]) == (i % 64).to_bytes(8, "little") for i, b in enumerate(bufs))
     finally:
         e.close()
+
+
+def test_auto_picks_io_uring_here() -> None:
+    engine = make_engine("auto")
+    try:
+        assert isinstance(engine, UringEngine)
+    finally:
+        assert engine is not None
+        engine.close()
+
+
+def test_a_disk_with_an_armed_error_goes_through_the_threads(disk: RawDisk) -> None:
+    faulty = FaultyDisk(disk)
+    assert faulty.native("read", 0, []) is not None
+    faulty.inject_error(errno.EIO, "read", 1)
+    assert faulty.native("read", 0, []) is None  # so the injected error is raised
 
 
 def test_backend_with_the_io_uring_engine(tmp_path: Path) -> None:

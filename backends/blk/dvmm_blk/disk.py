@@ -259,6 +259,16 @@ class FaultyDisk:
         self._check("read")
         self.disk.read(offset, bufs)
 
+    def native(self, op: str, offset: int, bufs: list[memoryview]
+               ) -> tuple[str, int, int, list[memoryview]] | None:
+        """The call for io_uring while no error is armed; armed, the engine
+        goes through :meth:`read` etc., which fail as asked."""
+        native = getattr(self.disk, "native", None)
+        if self._armed is not None or native is None:
+            return None
+        result: tuple[str, int, int, list[memoryview]] | None = native(op, offset, bufs)
+        return result
+
     def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
         """A cached read, unless an error is armed (then the engine's read fails)."""
         try_read = getattr(self.disk, "try_read", None)

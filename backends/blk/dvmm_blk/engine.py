@@ -12,9 +12,10 @@ polling.  What a job means (status byte, ordering, used ring) is
 makes (``os.preadv``/``os.pwritev``/``fdatasync``/``fallocate`` through
 ctypes) release the GIL, so the copies between the page cache and guest
 memory run on the other CPU while the loop parses the next requests, and the
-disk sees as many requests as there are busy workers.  It is the default;
-:class:`~.uring.UringEngine` (``--engine io_uring``) is the alternative that
-was measured against it (BENCHMARKS.md, "blk I/O engines").
+disk sees as many requests as there are busy workers.  It is the fallback
+of :class:`~.uring.UringEngine` (the default where io_uring can be set up,
+measured against it in BENCHMARKS.md, "blk I/O engines") and what that
+engine uses for the calls io_uring does not take.
 """
 
 from __future__ import annotations
@@ -160,18 +161,25 @@ class ThreadEngine:
         self._efd.close()
 
 
-ENGINES = ("threads", "io_uring", "sync")
+ENGINES = ("auto", "io_uring", "threads", "sync")
 
 
 def make_engine(kind: str, threads: int = DEFAULT_THREADS) -> Engine | None:
     """The engine called ``kind``; None for ``sync`` (requests served inline,
-    one at a time, on the loop thread)."""
+    one at a time, on the loop thread).  ``auto``: io_uring where the kernel
+    allows it (measured ahead on cache-missing reads: BENCHMARKS.md), else
+    the thread pool."""
     if kind == "threads":
         return ThreadEngine(threads)
-    if kind == "io_uring":
+    if kind in ("io_uring", "auto"):
         from .uring import UringEngine
 
-        return UringEngine()
+        try:
+            return UringEngine(fallback_threads=threads)
+        except EngineError:
+            if kind == "io_uring":
+                raise
+            return ThreadEngine(threads)
     if kind == "sync":
         return None
     raise EngineError(f"engine must be one of {', '.join(ENGINES)}, not {kind!r}")

@@ -11,10 +11,10 @@ requests is one ``io_uring_enter``.  Layouts are linux/io_uring.h's.
 Why raw calls: the maintained Python bindings were tried on these machines
 and do not run (``liburing`` 2026.3.30's wheel dies with SIGILL in
 ``Ring()``; ``pyuring`` 0.3.3 does not build against Debian 12's liburing
-2.3).  This engine is selectable (``--engine io_uring``) so the two can be
-measured side by side; the thread pool stays the default and the fallback
-wherever io_uring is unavailable (``io_uring_setup`` fails: old kernel,
-seccomp, ``kernel.io_uring_disabled``).
+2.3).  It is the default (``--engine auto``), measured ahead of the thread
+pool on cache-missing reads; the thread pool is the fallback wherever
+io_uring is unavailable (``io_uring_setup`` fails: old kernel, seccomp,
+``kernel.io_uring_disabled``).
 """
 
 from __future__ import annotations
