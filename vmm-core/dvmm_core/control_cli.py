@@ -106,7 +106,13 @@ def find_vm(vm: str | None, pid: int | None) -> VmDir:
         f"{d.path} (pid {d.pid})" for d in live) + "; choose one with --vm DIR or --pid N")
 
 
-def ask(endpoint: str, cmd: str, timeout: float = 2.0, **args: Any) -> dict[str, Any]:
+#: How long a command waits for the core or a backend: generous, because a
+#: busy machine (or a backend replaying after a restart) can take seconds to
+#: answer, and a false "no answer" is worse than a wait.
+ASK_TIMEOUT = 10.0
+
+
+def ask(endpoint: str, cmd: str, timeout: float = ASK_TIMEOUT, **args: Any) -> dict[str, Any]:
     """A command whose failure is the user's one-line error."""
     try:
         return command(endpoint, cmd, timeout=timeout, **args)
