@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import select
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -24,12 +25,14 @@ import pytest
 from dvmm_blk.device import BlkDevice
 from dvmm_blk.disk import RawDisk
 from dvmm_blk.engine import EngineError, Job, ThreadEngine, make_engine
+from dvmm_shared.driver import Buf
 from dvmm_shared.eventfd import EventFd
 from dvmm_shared.synthetic import SyntheticVM
 from dvmm_shared.virtio import VirtioBlkReqType as T
 
 from .blk_engine_rig import SECTOR, EngineRig
-from .helpers import DaemonThread, make_image, run_blk
+from .helpers import ECHO_FEATURES, DaemonThread, make_image, run_blk
+from .inflight_rig import InflightVM, echo_backend
 from .test_blk_e2e import ALL_FEATURES, complete, post, status
 
 OK, IOERR, UNSUPP = 0, 1, 2
@@ -374,6 +377,27 @@ def test_a_tmpfs_image_through_the_daemon(tmp_path: Path) -> None:
                     got[:8] == s.to_bytes(8, "little")
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_a_restarted_backend_signals_the_driver_once(tmp_path: Path) -> None:
+    """The dead backend published a used entry and died before signalling
+    it (crash point after-used): the next one signals the call eventfd when
+    the ring starts, with nothing to serve, or the driver would wait forever
+    for a request the device already completed."""
+    sock, log = tmp_path / "echo.sock", tmp_path / "echo.log"
+    with InflightVM(mem_size=4 << 20) as ivm:
+        src, dst = ivm.alloc(16, align=16), ivm.alloc(16, align=16)
+        with echo_backend(sock, "after-used", log) as proc:
+            ivm.connect(str(sock), ECHO_FEATURES, num_queues=1, queue_size=16)
+            ring = ivm.rings[0]
+            ring.queue.add([Buf(src, 4), Buf(dst, 4, write=True)])
+            ring.kick.signal()
+            assert proc.wait(DEADLINE) == -signal.SIGKILL
+        assert ring.queue.used_idx() == 1 and ring.call.consume() == 0  # never signalled
+        with echo_backend(sock, None, log):
+            ivm.connect(str(sock), ECHO_FEATURES, num_queues=1, queue_size=16)
+            assert select.select([ring.call.fd], [], [], DEADLINE)[0], log.read_text()
+            assert len(ring.queue.get_used()) == 1
 
 
 # -- the command line ---------------------------------------------------------------

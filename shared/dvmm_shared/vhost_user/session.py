@@ -446,6 +446,12 @@ class Session:
                         ring.index, ring.num, tracker.desc_num)
             return
         ring.inflight = tracker
+        # A region a previous process used: it may have published used
+        # entries and died before signalling them.  The driver is signalled
+        # once when the ring is next served (a spurious interrupt is allowed,
+        # virtio 1.2 2.7.10; a lost one leaves a driver waiting for requests
+        # the device already completed).
+        ring.resignal = tracker.version != 0
         resubmitted = queue.recover_inflight(tracker)
         if resubmitted:
             log.info("ring %d: %d requests in flight are served again, resuming at %d",
@@ -481,7 +487,8 @@ class Session:
         try:
             while True:
                 pushed = self.backend.process_queue(ring.index, queue, self.serve)
-                if pushed and queue.needs_notification():
+                if (pushed and queue.needs_notification()) or ring.resignal:
+                    ring.resignal = False
                     self.notify(ring)
                 if not queue.enable_notification():
                     break

@@ -78,6 +78,8 @@ class Vring:
     state: RingState = RingState.STOPPED
     queue: SplitQueue | None = None
     inflight: InflightQueue | None = None
+    #: Signal the call eventfd at the next service (a restarted backend).
+    resignal: bool = False
 
     @property
     def running(self) -> bool:
