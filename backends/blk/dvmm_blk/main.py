@@ -70,13 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serial", default=None, metavar="ID",
                    help="serial number returned by GET_ID (max 20 bytes; "
                         "default: dvmm- and the image file name)")
-    p.add_argument("--engine", choices=ENGINES, default="sync",
+    p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="how requests that wait for the disk are served: io_uring "
                         "(several in flight, completed out of order), threads (the same "
-                        "with a pool of workers), sync (the default: one at a time on the "
-                        "event loop), or auto (io_uring where the kernel allows it, else "
-                        "threads).  The concurrent engines are not the default yet: the "
-                        "QEMU kill-20-times recovery test hung twice with them under load")
+                        "with a pool of workers), sync (one at a time on the event "
+                        "loop), or auto (the default: io_uring where the kernel allows "
+                        "it, else threads)")
     p.add_argument("--io-threads", type=int, default=DEFAULT_THREADS, metavar="N",
                    help=f"worker threads of the threads engine, and of io_uring's "
                         f"fallback (1..{MAX_THREADS}, default {DEFAULT_THREADS})")
