@@ -26,7 +26,8 @@ software, so the loop's own instructions cost about as much as an exit; the
 exit round trip reported is (fastest loop with out - fastest loop with nop) / N,
 and the raw exits/s of the loop is printed too.  When noise makes a loop with
 exits look no slower than the loop without, those loops are measured again
-(a few extra rounds) and, failing that, the bench says so and exits 1.  Not a test: nothing here asserts a speed.
+(a few extra rounds) and, failing that, the bench says so and exits 1.
+Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
