@@ -18,18 +18,17 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from dvmm_shared import backend_args
+from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
 from dvmm_shared.cli import (
-    ArgumentParser,
     UsageError,
-    add_logging_args,
-    add_standby_arg,
     one_line,
     run_main,
     setup_logging,
     wait_for_activation,
 )
 from dvmm_shared.control import CommandServer, ControlError
-from dvmm_shared.vhost_user.control_host import add_control_argument, start_control
+from dvmm_shared.vhost_user.control_host import start_control
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import BlkDevice
@@ -57,10 +56,7 @@ CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
-                   help="Unix socket to listen on (created; a stale socket is replaced)")
-    p.add_argument("--fd", type=int, metavar="N",
-                   help="use the already-listening Unix socket inherited as fd N")
+    add_listen_args(p)
     p.add_argument("--image", "--blk-file", dest="image", metavar="FILE",
                    help="raw disk image (or block device) to serve")
     p.add_argument("--read-only", action="store_true",
@@ -79,18 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=DEFAULT_THREADS, metavar="N",
                    help=f"worker threads of the threads engine, and of io_uring's "
                         f"fallback (1..{MAX_THREADS}, default {DEFAULT_THREADS})")
-    add_control_argument(p)
-    p.add_argument("--print-capabilities", action="store_true",
-                   help="print the vhost-user capabilities as JSON and exit")
-    add_standby_arg(p)
-    add_logging_args(p)
+    add_common_tail(p)
 
 
 def build_parser(prog: str = "dvmm backend blk") -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return backend_args.build_parser(prog, DESCRIPTION, EPILOG, add_arguments)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     wait_for_activation(args.standby_fd)
     if not args.image:
         raise UsageError("--image FILE is required")
-    if bool(args.socket) == (args.fd is not None):
-        raise UsageError("give exactly one of --socket PATH or --fd N")
+    check_listen_args(args)
     if not 1 <= args.queues <= 64:
         raise UsageError(f"--queues must be 1..64, not {args.queues}")
     if not 1 <= args.io_threads <= MAX_THREADS:

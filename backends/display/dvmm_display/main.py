@@ -17,18 +17,17 @@ import json
 import logging
 import sys
 
+from dvmm_shared import backend_args
+from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
 from dvmm_shared.cli import (
-    ArgumentParser,
     UsageError,
-    add_logging_args,
-    add_standby_arg,
     one_line,
     run_main,
     setup_logging,
     wait_for_activation,
 )
 from dvmm_shared.control import CommandServer, ControlError
-from dvmm_shared.vhost_user.control_host import add_control_argument, start_control
+from dvmm_shared.vhost_user.control_host import start_control
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .commands import DisplayCommands
@@ -61,10 +60,7 @@ CAPABILITIES = {"type": "gpu", "features": []}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
-                   help="vhost-user Unix socket to listen on (a stale socket is replaced)")
-    p.add_argument("--fd", type=int, metavar="N",
-                   help="use the already-listening Unix socket inherited as fd N")
+    add_listen_args(p)
     p.add_argument("--vnc", metavar="HOST:PORT",
                    help="address of the VNC server (port 0: any free port, see 'stats')")
     p.add_argument("--password-file", metavar="FILE",
@@ -81,18 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop a VNC client that stalls this long: handshake unfinished, "
                         "a message half sent, or updates not read (default %(default)g)")
     p.add_argument("--name", default="dvmm", help="desktop name shown by VNC clients")
-    add_control_argument(p)
-    p.add_argument("--print-capabilities", action="store_true",
-                   help="print the vhost-user capabilities as JSON and exit")
-    add_standby_arg(p)
-    add_logging_args(p)
+    add_common_tail(p)
 
 
 def build_parser(prog: str = "dvmm backend display") -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return backend_args.build_parser(prog, DESCRIPTION, EPILOG, add_arguments)
 
 
 def read_password(path: str) -> bytes:
@@ -110,8 +99,7 @@ def read_password(path: str) -> bytes:
 
 
 def check_args(args: argparse.Namespace) -> tuple[str, int]:
-    if bool(args.socket) == (args.fd is not None):
-        raise UsageError("give exactly one of --socket PATH or --fd N")
+    check_listen_args(args)
     if not args.vnc:
         raise UsageError("--vnc HOST:PORT is required")
     if not 0 < args.client_timeout <= 3600:

@@ -16,18 +16,17 @@ import logging
 import re
 import sys
 
+from dvmm_shared import backend_args
+from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
 from dvmm_shared.cli import (
-    ArgumentParser,
     UsageError,
-    add_logging_args,
-    add_standby_arg,
     one_line,
     run_main,
     setup_logging,
     wait_for_activation,
 )
 from dvmm_shared.control import CommandServer, ControlError
-from dvmm_shared.vhost_user.control_host import add_control_argument, start_control
+from dvmm_shared.vhost_user.control_host import start_control
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import MAX_MTU, MIN_MTU, NetDevice
@@ -66,10 +65,7 @@ CAPABILITIES = {"type": "net", "features": ["tap", "tap-fd", "peer", "mac", "mtu
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
-                   help="Unix socket to listen on (created; a stale socket is replaced)")
-    p.add_argument("--fd", type=int, metavar="N",
-                   help="use the already-listening Unix socket inherited as fd N")
+    add_listen_args(p)
     p.add_argument("--tap", metavar="NAME",
                    help="existing TAP interface to attach to")
     p.add_argument("--tap-fd", metavar="N[,N...]",
@@ -86,18 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not offer VHOST_USER_PROTOCOL_F_CONFIG: needed by QEMU 7.2, "
                         "whose vhost-user-net crashes when offered it (QEMU keeps the "
                         "net config space itself; the dvmm core reads it from here)")
-    add_control_argument(p)
-    p.add_argument("--print-capabilities", action="store_true",
-                   help="print the vhost-user capabilities as JSON and exit")
-    add_standby_arg(p)
-    add_logging_args(p)
+    add_common_tail(p)
 
 
 def build_parser(prog: str = "dvmm backend net") -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return backend_args.build_parser(prog, DESCRIPTION, EPILOG, add_arguments)
 
 
 def parse_mac(text: str) -> bytes:
@@ -123,8 +112,7 @@ def check_args(args: argparse.Namespace) -> int:
     """Validate the combination of options; returns the number of queue pairs."""
     if sum(x is not None for x in (args.tap, args.tap_fd, args.peer)) != 1:
         raise UsageError("give exactly one of --tap NAME, --tap-fd N or --peer PATH")
-    if bool(args.socket) == (args.fd is not None):
-        raise UsageError("give exactly one of --socket PATH or --fd N")
+    check_listen_args(args)
     if args.mtu is not None and not MIN_MTU <= args.mtu <= MAX_MTU:
         raise UsageError(f"--mtu must be {MIN_MTU}..{MAX_MTU}, not {args.mtu}")
     fds = parse_fds(args.tap_fd) if args.tap_fd is not None else None
