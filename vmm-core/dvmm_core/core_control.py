@@ -60,6 +60,9 @@ class CoreControl:
         self._early: list[tuple[str, dict[str, Any], float]] = []
         self._closed = False
         self._lock = threading.Lock()
+        #: In-process observers of every event (the QMP server), called on
+        #: the emitting thread; they must not block.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def start(self) -> None:
         """Open ``events`` and ``core.ctl``; publish what happened before.
@@ -87,6 +90,11 @@ class CoreControl:
         self.server.start()
 
     def emit(self, event: str, fields: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, fields)
+            except Exception:  # an observer must never break the event's source
+                log.exception("event listener failed for %s", event)
         with self._lock:
             if self.publisher is None:
                 if not self._closed:

@@ -219,6 +219,8 @@ class Machine:
         self._build_platform()
         self.fw_cfg = self._build_fw_cfg()
         self.resets = 0
+        #: Set (on the main thread) while QMP ``stop`` holds the vCPUs.
+        self.paused = False
         self.display: DisplayLink | None = None
         self.ramfb: Ramfb | None = None
         self.control.input = self.input_events
@@ -500,8 +502,9 @@ class Machine:
         self.i8042.reset()
         self._destroy_instance()
         self._create_instance()
-        for runner in self.runners:
-            runner.start()
+        if not self.paused:  # a QMP ``stop`` holds the vCPUs across a reset (qmp/vmctl.py)
+            for runner in self.runners:
+                runner.start()
 
     def _guest_reset(self) -> None:
         """A reset register was written (on a vCPU thread): that vCPU must not
