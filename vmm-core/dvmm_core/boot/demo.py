@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 SECTOR_SIZE = 512
 SOURCE_NAME = "demo_boot.S"
 #: Files the boot programs ``.include`` (part of the cache key).
-INCLUDES = ("com1.inc",)
+INCLUDES = ("com1.inc", "com1_init.inc")
 #: Where the parameter block sits in the boot sector (the first partition
 #: entry's slot: its first byte, ``D``, is not a valid boot indicator, so the
 #: disk reads as unpartitioned to Linux and libblkid).

@@ -49,6 +49,7 @@
         .globl _start
 
         .set COM1, 0x3f8
+        .include "com1_init.inc"        # the com1_init macro
         .set BUF_SEG, 0x1000            # read buffer: 1000:0000 = linear 0x10000
         .set MSG_MAX, 64
         .set PFX, 1                     # in strings: prints "dvmm-demo: "
@@ -81,22 +82,8 @@ _start:
         cld
         movw    $0x7c00 + PARAMS, %bp
 
-        # COM1: no interrupts, 115200 baud, 8N1 (AX = 0 here).
-        pushw   %dx
-        movw    $COM1+1, %dx            # IER = 0
-        outb    %al, %dx
-        movb    $0xfb, %dl              # LCR = DLAB
-        movb    $0x80, %al
-        outb    %al, %dx
-        movb    $0xf8, %dl              # DLL = 1
-        movb    $1, %al
-        outb    %al, %dx
-        incw    %dx                     # DLM = 0
-        decw    %ax
-        outb    %al, %dx
-        movb    $0xfb, %dl              # LCR = 8N1
-        movb    $3, %al
-        outb    %al, %dx
+        pushw   %dx                     # the boot drive
+        com1_init                       # AX = 0 here
         popw    %dx
 
         movw    $s_booted, %si

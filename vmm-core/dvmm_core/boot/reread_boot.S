@@ -27,6 +27,7 @@
         .globl _start
 
         .set COM1, 0x3f8
+        .include "com1_init.inc"        # the com1_init macro
         .set BUF_A, 0x1000
         .set BUF_B, 0x2000
         .set PFX, 1
@@ -51,20 +52,7 @@ _start:
         movw    $0x7c00 + PARAMS, %bp
         movb    %dl, drive
 
-        movw    $COM1+1, %dx            # COM1: no interrupts, 115200 8N1
-        outb    %al, %dx
-        movb    $0xfb, %dl
-        movb    $0x80, %al
-        outb    %al, %dx
-        movb    $0xf8, %dl
-        movb    $1, %al
-        outb    %al, %dx
-        incw    %dx
-        decw    %ax
-        outb    %al, %dx
-        movb    $0xfb, %dl
-        movb    $3, %al
-        outb    %al, %dx
+        com1_init                       # AX = 0 here
 
         movw    $s_booted, %si
         call    puts

@@ -24,6 +24,7 @@
         .globl _start
 
         .set COM1, 0x3f8
+        .include "com1_init.inc"        # the com1_init macro
         .set PFX, 1
         .set PARAMS, 0x1be
 
@@ -36,20 +37,7 @@ _start:
         movw    $0x7c00, %sp
         cld
 
-        movw    $COM1+1, %dx            # COM1: no interrupts, 115200 8N1
-        outb    %al, %dx
-        movb    $0xfb, %dl
-        movb    $0x80, %al
-        outb    %al, %dx
-        movb    $0xf8, %dl
-        movb    $1, %al
-        outb    %al, %dx
-        incw    %dx
-        decw    %ax
-        outb    %al, %dx
-        movb    $0xfb, %dl
-        movb    $3, %al
-        outb    %al, %dx
+        com1_init                       # AX = 0 here
 
         movw    $s_booted, %si
         call    puts
