@@ -26,6 +26,7 @@ from dvmm_shared.control import MAX_MESSAGE, CommandServer, ControlError
 from .device import GpuDevice
 from .framebuffer import FrameSource, ScanoutConfig, ScanoutError, ScanoutSource
 from .input import InputForwarder
+from .input_device import InputDevice
 from .server import VncServer
 
 #: Room left in a reply for the other fields and msgpack framing.
@@ -43,11 +44,13 @@ class DisplayCommands:
     """Handlers added to the backend's :class:`CommandServer`."""
 
     def __init__(self, scanout: ScanoutSource, server: VncServer, device: GpuDevice,
-                 forwarder: InputForwarder) -> None:
+                 forwarder: InputForwarder,
+                 inputs: dict[str, InputDevice] | None = None) -> None:
         self.scanout = scanout
         self.server = server
         self.device = device
         self.forwarder = forwarder
+        self.inputs = inputs if inputs is not None else {}
 
     def install(self, commands: CommandServer) -> None:
         # Handlers are looked up per request, so adding them after start is safe.
@@ -85,6 +88,9 @@ class DisplayCommands:
             "vnc": {"host": host, "port": port, "clients": len(self.server.clients),
                     **asdict(self.server.stats)},
             "input": asdict(self.forwarder.stats),
+            "virtio_input": {kind: {**asdict(dev.stats), "active": dev.active,
+                                    "pending": dev.pending()}
+                             for kind, dev in self.inputs.items()},
             "scanout": {**(asdict(cfg) if cfg else {"addr": 0}),
                         "read_errors": self.scanout.read_errors},
         }

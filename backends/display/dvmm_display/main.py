@@ -6,8 +6,11 @@ logs on stderr, one-line errors with a non-zero exit, a clean exit on
 SIGTERM (sockets closed, the socket file removed), no daemonizing, and
 ``--standby-fd`` for the supervisor's warm standby.
 
-Threads: the vhost-user daemon loop (main thread), the VNC loop
-(:mod:`.server`), the input sender (:mod:`.input`) and the control server.
+Threads: the vhost-user daemon loop of virtio-gpu (main thread), one
+daemon loop per virtio-input device (``--input-socket`` keyboard,
+``--tablet-socket`` tablet: :mod:`.input_device`), the VNC loop
+(:mod:`.server`), the PS/2 input sender (:mod:`.input`) and the control
+server.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import json
 import logging
 import sys
+import threading
+from collections.abc import Callable
 
 from dvmm_shared import backend_args
 from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
@@ -33,8 +38,10 @@ from dvmm_shared.vhost_user.daemon import Daemon
 from .commands import DisplayCommands
 from .des import PASSWORD_SIZE
 from .device import GpuDevice
-from .framebuffer import PreferredSource, ScanoutSource
+from .evdev import keyboard_spec, tablet_spec
+from .framebuffer import BLANK_HEIGHT, BLANK_WIDTH, PreferredSource, ScanoutSource
 from .input import InputForwarder
+from .input_device import InputDevice, InputRouter
 from .server import DEFAULT_CLIENT_TIMEOUT, VncServer, parse_listen
 
 log = logging.getLogger("dvmm.display")
@@ -45,7 +52,10 @@ pointer input back.  The frontend (the dvmm core) connects to the vhost-user
 socket and hands over guest memory; the core's "ramfb" command says where
 the firmware framebuffer lies in it, and this process reads the pixels
 straight from the shared memory.  Serves virtio-gpu (device id 16, control
-and cursor queues) over the same socket.
+and cursor queues) over the same socket, and virtio-input (device id 18) as
+a keyboard and a tablet on sockets of their own (vhost-user-input): VNC
+input goes to them once a guest driver runs them, to the core's PS/2
+keyboard and mouse before that.
 """
 
 EPILOG = """\
@@ -54,6 +64,12 @@ example:
       --password-file pw.txt --control ipc:///tmp/display.ctl \\
       --core-control ipc:///run/vm/core.ctl
   vncviewer 127.0.0.1:5900
+
+virtio-input for QEMU:
+  dvmm backend display --socket /tmp/gpu.sock --vnc 127.0.0.1:0 \\
+      --input-socket /tmp/kbd.sock --tablet-socket /tmp/tablet.sock
+  qemu-system-x86_64 ... -chardev socket,id=kbd,path=/tmp/kbd.sock \\
+      -device vhost-user-input-pci,chardev=kbd
 """
 
 CAPABILITIES = {"type": "gpu", "features": []}
@@ -70,8 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the core's control endpoint, where VNC key and pointer events "
                         "are sent (the core passes ipc://RUNTIME/core.ctl)")
     p.add_argument("--input-socket", metavar="PATH",
-                   help="vhost-user-input socket for virtio-input (not served yet: "
-                        "accepted for the core's command line, a warning is logged)")
+                   help="vhost-user-input socket serving a virtio keyboard "
+                        "(e.g. QEMU -device vhost-user-input-pci,chardev=...)")
+    p.add_argument("--tablet-socket", metavar="PATH",
+                   help="vhost-user-input socket serving a virtio tablet (absolute pointer)")
     p.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
                    metavar="SECONDS",
                    help="drop a VNC client that stalls this long: handshake unfinished, "
@@ -118,30 +136,37 @@ def run(args: argparse.Namespace) -> int:
     host, port = check_args(args)
     setup_logging("dvmm-display", args.verbose, args.quiet)
     password = read_password(args.password_file) if args.password_file else None
-    if args.input_socket:
-        log.warning("--input-socket %s: virtio-input is not served yet; VNC input reaches "
-                    "the guest as PS/2 through the core only", args.input_socket)
     device = GpuDevice()
     scanout = ScanoutSource(device.memory)
     # virtio-gpu's scanout once a driver sets one; ramfb (firmware) before that
     source = PreferredSource(device.table.presented, lambda: device.table.cursor, scanout)
     forwarder = InputForwarder(args.core_control)
+    inputs = InputDaemons()
     try:
-        server = VncServer(host, port, source, forwarder, password=password,
+        # Before the gpu socket: whoever waits for that one finds these too.
+        router = inputs.listen(args, forwarder, lambda: screen_size(device, scanout))
+        server = VncServer(host, port, source, router, password=password,
                            name=args.name, client_timeout=args.client_timeout)
     except OSError as exc:
+        inputs.stop()
         forwarder.close()
         raise UsageError(f"cannot listen on {args.vnc}: {one_line(exc)}") from None
+    except UsageError:
+        inputs.stop()
+        forwarder.close()
+        raise
     try:
         daemon = Daemon.listening(device, args.socket, args.fd)
     except OSError as exc:
         server.stop()
+        inputs.stop()
         forwarder.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
-    commands = DisplayCommands(scanout, server, device, forwarder)
-    control = serve_commands(args.control, daemon, commands) if args.control else None
+    commands = DisplayCommands(scanout, server, device, forwarder, inputs.devices)
+    control = serve_commands(args.control, daemon, commands, inputs) if args.control else None
     daemon.install_signal_handlers()
     server.start()
+    inputs.start()
     vhost, vport = server.address
     log.info("VNC server on %s:%d%s", vhost, vport, " (password required)" if password else "")
     try:
@@ -150,18 +175,74 @@ def run(args: argparse.Namespace) -> int:
         if control is not None:
             control.close()
         server.stop()
+        inputs.stop()
         forwarder.close()
     log.info("stopped: %d VNC clients served, %d input events sent",
              server.stats.accepted, forwarder.stats.sent)
     return 0
 
 
-def serve_commands(endpoint: str, daemon: Daemon, commands: DisplayCommands) -> CommandServer:
+def screen_size(device: GpuDevice, scanout: ScanoutSource) -> tuple[int, int]:
+    """What VNC clients see now (the tablet scales pointer positions to it)."""
+    frame = device.table.presented()
+    if frame is not None:
+        return frame.width, frame.height
+    cfg = scanout.config
+    return (cfg.width, cfg.height) if cfg is not None else (BLANK_WIDTH, BLANK_HEIGHT)
+
+
+class InputDaemons:
+    """The virtio-input devices and their vhost-user daemons (own threads)."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, InputDevice] = {}
+        self.daemons: list[Daemon] = []
+        self._threads: list[threading.Thread] = []
+
+    def listen(self, args: argparse.Namespace, forwarder: InputForwarder,
+               screen: Callable[[], tuple[int, int]]) -> InputRouter:
+        for kind, path, spec in (("keyboard", args.input_socket, keyboard_spec),
+                                 ("tablet", args.tablet_socket, tablet_spec)):
+            if not path:
+                continue
+            device = InputDevice(spec())
+            try:
+                daemon = Daemon(device, path)
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {path}: {one_line(exc)}") from None
+            device.call_soon = daemon.call_soon
+            self.devices[kind] = device
+            self.daemons.append(daemon)
+        return InputRouter(forwarder, self.devices.get("keyboard"), self.devices.get("tablet"),
+                           screen)
+
+    def start(self) -> None:
+        for daemon, kind in zip(self.daemons, self.devices, strict=True):
+            thread = threading.Thread(target=daemon.serve_forever, name=f"input-{kind}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if not self._threads:  # never served: close the listeners here
+            for daemon in self.daemons:
+                daemon.close()
+        self.daemons.clear()
+        self._threads.clear()
+
+
+def serve_commands(endpoint: str, daemon: Daemon, commands: DisplayCommands,
+                   inputs: InputDaemons) -> CommandServer:
     try:
         control = start_control(daemon, endpoint, commands.stats)
     except ControlError as exc:
         daemon.close()
         commands.server.stop()
+        inputs.stop()
         commands.forwarder.close()
         raise UsageError(str(exc)) from None
     commands.install(control)
