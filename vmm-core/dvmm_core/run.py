@@ -28,6 +28,8 @@ from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_loggin
 
 from .kvm.ioctls import KvmError
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
+from .qmp.options import add_arguments as add_management_args
+from .runners import RunnerError, RunnerKind
 from .supervisor import RestartPolicy, RestartSpec, SupervisorError
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ examples:
   dvmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0" --disk root.img
   dvmm run --disk a.img,restart=never --restart always
   dvmm run --disk a.img --display vnc=127.0.0.1:5900    (watch and type with a VNC client)
+  dvmm run --disk a.img --backend-runner bwrap          (each backend in a sandbox)
+  dvmm run --disk a.img,runner=docker --net tap=tap0,runner=bwrap
 
 Crash recovery: a backend that dies is restarted by its policy (--restart,
 or restart= per device) and the core reconnects and replays the device
@@ -63,6 +67,13 @@ set-up and the requests that were in flight; the guest sees only a pause.
 External backends (--vhost-user-blk, --net socket=) are not restarted by
 dvmm, but the core reconnects whenever one listens again.  Watch it with
 `dvmm events`, `dvmm status`; inject faults with `dvmm fault`.
+
+Sandboxes: every backend drops its capabilities, can gain no privileges and
+runs under a seccomp allow-list once it serves; the core opens the images and
+TAPs and hands the backends fds.  --backend-runner bwrap adds a bubblewrap
+sandbox per backend (own namespaces, read-only system, only its socket
+directory); docker runs each in a container of the dvmm-blk / dvmm-net image
+(`dvmm docker build`).  The display process always runs as a plain process.
 
 On a terminal the serial console is raw: press Ctrl-A then x to quit.
 """
@@ -83,12 +94,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--cmdline", default="console=ttyS0 reboot=k panic=1 pci=conf1",
                    help="kernel command line for --kernel")
     p.add_argument("--disk", action="append", default=[],
-                   metavar="IMAGE[,read-only][,restart=POLICY]",
+                   metavar="IMAGE[,read-only][,restart=POLICY][,runner=R]",
                    help="a virtio-blk disk served by a dvmm blk backend process (repeatable)")
     p.add_argument("--vhost-user-blk", action="append", default=[], metavar="SOCKET",
                    help="a virtio-blk disk served by an external vhost-user backend")
     p.add_argument("--net", action="append", default=[],
-                   metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N][,restart=P]",
+                   metavar="tap=NAME|peer=PATH|socket=PATH[,mac=MAC][,queues=N][,restart=P]"
+                           "[,runner=R]",
                    help="a virtio-net NIC served by a dvmm net backend on a TAP device or "
                         "a VM-to-VM peer link, or by an external vhost-user-net socket")
     p.add_argument("--display", metavar="vnc=HOST:PORT[,password-file=F][,gpu=virtio]",
@@ -106,6 +118,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "restarted unless they exit with status 0)")
     p.add_argument("--restart-limit", default="10/60", type=_limit, metavar="N/SECONDS",
                    help="give a backend up after N restarts within SECONDS (default 10/60)")
+    p.add_argument("--backend-runner", default="process", type=_runner,
+                   metavar="process|bwrap|docker",
+                   help="how dvmm starts its backends: plain processes (default), each in a "
+                        "bubblewrap sandbox, or each in a Docker container; per device: "
+                        "runner= in --disk/--net")
     p.add_argument("--no-standby", dest="standby", action="store_false",
                    help="do not keep a warm standby process per backend (restarts then "
                         "start a new interpreter: ~200 ms slower, one process fewer)")
@@ -115,6 +132,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="the KVM device (default /dev/kvm)")
     p.add_argument("--firmware-log", metavar="FILE",
                    help="write the firmware debug port (0x402) output to FILE")
+    add_management_args(p)
     add_logging_args(p)
     p.set_defaults(func=run)
 
@@ -124,6 +142,20 @@ def _policy(text: str) -> RestartPolicy:
         return RestartPolicy.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _runner(text: str) -> str:
+    try:
+        return RunnerKind.parse(text).value
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _option_runner(flag: str, text: str, opt: str) -> str:
+    try:
+        return RunnerKind.parse(opt.partition("=")[2]).value
+    except ValueError as exc:
+        raise UsageError(f"{flag} {text}: {exc}") from None
 
 
 def _limit(text: str) -> tuple[int, float]:
@@ -144,9 +176,11 @@ def parse_disk(text: str) -> DiskSpec:
             spec.read_only = True
         elif opt.startswith("restart="):
             spec.restart = _option_policy("--disk", text, opt)
+        elif opt.startswith("runner="):
+            spec.runner = _option_runner("--disk", text, opt)
         else:
-            raise UsageError(f"--disk {text}: unknown option {opt!r} "
-                             "(known: read-only, restart=always|on-failure|never)")
+            raise UsageError(f"--disk {text}: unknown option {opt!r} (known: read-only, "
+                             "restart=always|on-failure|never, runner=process|bwrap|docker)")
     if not os.path.exists(path):
         raise UsageError(f"--disk {path}: no such file")
     spec.image = os.path.abspath(path)
@@ -172,9 +206,11 @@ def parse_net(text: str) -> NetSpec:
             spec.queues = int(value)
         elif key == "restart":
             spec.restart = _option_policy("--net", text, item)
+        elif key == "runner":
+            spec.runner = _option_runner("--net", text, item)
         else:
-            raise UsageError(f"--net {text}: bad option {item!r} "
-                             "(known: tap=, peer=, socket=, mac=, queues=1..16, restart=)")
+            raise UsageError(f"--net {text}: bad option {item!r} (known: tap=, peer=, "
+                             "socket=, mac=, queues=1..16, restart=, runner=)")
     if sum(x is not None for x in (spec.tap, spec.peer, spec.socket)) != 1:
         raise UsageError(f"--net {text}: give exactly one of tap=, peer= or socket=")
     if spec.mac is not None and not MAC.fullmatch(spec.mac):
@@ -237,7 +273,8 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
                          backend_args=backend_log_args(args), kvm_path=args.kvm,
                          restart=RestartSpec(policy=args.restart, limit=args.restart_limit[0],
                                              window=args.restart_limit[1]),
-                         standby=args.standby, display=display, boot_menu=args.boot_menu,
+                         standby=args.standby, runner=args.backend_runner, display=display,
+                         boot_menu=args.boot_menu,
                          boot_menu_key=args.boot_menu_key)
 
 
@@ -354,19 +391,30 @@ def run(args: argparse.Namespace) -> int:
     sink, close_sink = serial_sink(args.serial)
     cfg.serial_sink = sink
     cfg.firmware_log = log_sink(args.firmware_log)
+    from .qmp.address import parse_address
+    from .qmp.manager import Management
+
+    qmp = [parse_address(a) for a in args.qmp]
     if args.kernel:
         warn_if_no_hw_kvm()
     machine = start_machine(cfg)
+    mgmt = Management(machine, qmp, args.name, args.uuid)
+    try:
+        mgmt.start()
+    except UsageError:
+        machine.shutdown("error")
+        raise
     console = Console(machine) if args.serial == "stdio" else None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: machine.request_stop(signal.Signals(s).name))
     why = "error"
     try:
-        why = machine.run()
+        why = mgmt.run()
     finally:
         if console is not None:
             console.close()
         machine.shutdown(why)
+        mgmt.close()
         close_sink()
     if why == "start-failed":  # a backend never came up: a start-up error, one line
         raise UsageError(machine.failure)
@@ -387,7 +435,7 @@ def start_machine(cfg: MachineConfig, prepare: Callable[[Machine], None] | None 
         machine = Machine(cfg)
         machine.start(prepare)
         return machine
-    except (KvmError, MachineError, SupervisorError) as exc:
+    except (KvmError, MachineError, SupervisorError, RunnerError) as exc:
         if machine is not None:
             machine.shutdown()
         raise UsageError(str(exc)) from None
