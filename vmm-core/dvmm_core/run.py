@@ -123,6 +123,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="how dvmm starts its backends: plain processes (default), each in a "
                         "bubblewrap sandbox, or each in a Docker container; per device: "
                         "runner= in --disk/--net")
+    p.add_argument("--backend-test-hooks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-standby", dest="standby", action="store_false",
                    help="do not keep a warm standby process per backend (restarts then "
                         "start a new interpreter: ~200 ms slower, one process fewer)")
@@ -280,9 +281,10 @@ def build_config(args: argparse.Namespace) -> MachineConfig:
 
 def backend_log_args(args: argparse.Namespace) -> list[str]:
     """Backends log at the core's level (``-q`` quiet, ``-vv`` every message)."""
+    hooks = ["--test-hooks"] if getattr(args, "backend_test_hooks", False) else []
     if args.quiet:
-        return ["-q"]
-    return ["-v"] if args.verbose > 1 else []
+        return ["-q", *hooks]
+    return (["-v"] if args.verbose > 1 else []) + hooks
 
 
 def check_memory(size: int, meminfo: str = "/proc/meminfo") -> None:

@@ -23,6 +23,12 @@ Children are stopped with SIGTERM (then SIGKILL after a grace period) when
 the core shuts down.  psutil reports their RSS and CPU time (imported on
 the first ``dvmm status``, not at start-up).
 
+How a backend is started -- plain process, bubblewrap sandbox, Docker
+container -- is its :class:`~dvmm_core.runners.Runner`'s (issue 12): the
+runner lays out its sockets, hands it its fds and wraps its command line,
+and returns a handle whose ``pid`` is the backend's own; everything here
+works the same under every runner.
+
 Every change is reported through ``on_event(event, fields)`` (the core
 publishes it on the ZeroMQ event stream): ``backend-started``,
 ``backend-exited``, ``backend-restarted``, ``backend-given-up``.
@@ -35,16 +41,14 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:  # imported when the first backend starts (a VM may have none)
-    import subprocess
+from .runners import Child, Runner, RunnerError
 
 log = logging.getLogger("dvmm.supervisor")
 
@@ -118,21 +122,22 @@ class Backend:
 
     def __init__(self, name: str, argv: list[str], socket: str,
                  restart: RestartSpec | None = None, control: str | None = None, *,
-                 standby: bool = False) -> None:
+                 standby: bool = False, runner: Runner | None = None) -> None:
         self.name = name
+        self.runner = runner or Runner()
         self.argv = argv
         self.socket = socket
         self.restart = restart or RestartSpec()
         self.control = control
         self.standby = standby
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
         self.state = BackendState.STARTING
         self.returncode: int | None = None
         self.restarts = 0
         self.started_at = 0.0
         self.given_up_reason: str | None = None
         self.last_exit: str | None = None
-        self._spare: tuple[subprocess.Popen[bytes], int] | None = None
+        self._spare: tuple[Child, int] | None = None
         self._restart_times: deque[float] = deque()
         self._quick_failures = 0
         self._forced = False
@@ -170,6 +175,7 @@ class Backend:
                 else None, "state": self.state.value, "restarts": self.restarts,
                 "uptime": round(self.uptime, 3), "policy": self.restart.policy.value,
                 "control": self.control, "external": False, "socket": self.socket,
+                "runner": self.runner.kind.value,
                 "last_exit": self.last_exit, "given_up_reason": self.given_up_reason}
 
 
@@ -228,23 +234,35 @@ class Supervisor:
 
     def spawn_python(self, name: str, module: str, args: Sequence[str],
                      restart: RestartSpec | None = None, control: bool = False,
-                     standby: bool = False) -> Backend:
-        """Start ``python -m module --socket <runtime>/<name>.sock args...``
-        (with ``--control ipc://<runtime>/<name>.ctl`` when asked)."""
-        sock = self.socket_path(name)
-        argv = [sys.executable, "-m", module, "--socket", sock]
-        endpoint = self.control_endpoint(name) if control else None
-        if endpoint is not None:
+                     standby: bool = False, runner: Runner | None = None) -> Backend:
+        """Start ``python -m module --socket SOCKET args...`` (with ``--control
+        ENDPOINT`` when asked) through ``runner`` (default: a plain process
+        with ``<runtime>/<name>.sock`` and ``ipc://<runtime>/<name>.ctl``)."""
+        runner = runner or Runner()
+        try:
+            sock, endpoint = runner.prepare(self.runtime_dir, name)
+            resources = runner.resource_args()[0]
+        except (RunnerError, OSError) as exc:
+            runner.close()
+            raise SupervisorError(f"cannot start backend {name}: {exc}") from None
+        argv = [*runner.program(module), "--socket", sock, *resources]
+        if control:
             argv += ["--control", endpoint]
-        return self.spawn(name, [*argv, *args], sock, restart=restart, control=endpoint,
-                          standby=standby)
+        return self.spawn(name, [*argv, *args], sock, restart=restart,
+                          control=endpoint if control else None,
+                          standby=standby and runner.standby, runner=runner)
 
     def spawn(self, name: str, argv: list[str], socket: str, *,
               restart: RestartSpec | None = None, control: str | None = None,
-              standby: bool = False) -> Backend:
+              standby: bool = False, runner: Runner | None = None) -> Backend:
         """Start a backend; ``standby``: its program takes ``--standby-fd``."""
-        backend = Backend(name, argv, socket, restart or RestartSpec(), control, standby=standby)
-        self._start(backend)
+        backend = Backend(name, argv, socket, restart or RestartSpec(), control, standby=standby,
+                          runner=runner)
+        try:
+            self._start(backend)
+        except SupervisorError:
+            backend.runner.close()
+            raise
         self.backends.append(backend)
         return backend
 
@@ -275,18 +293,15 @@ class Supervisor:
         if backend.standby:
             self._at(STANDBY_DELAY, "standby", backend)
 
-    def _popen(self, backend: Backend, argv: list[str],
-               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-        import subprocess
-
+    def _popen(self, backend: Backend, argv: list[str], pass_fds: tuple[int, ...] = ()
+               ) -> Child:
         from dvmm_shared.procs import die_with_parent
 
+        fds = (*backend.runner.resource_args()[1], *pass_fds)
         try:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds,
-                                    preexec_fn=die_with_parent(signal.SIGTERM))
-        except OSError as exc:
-            raise SupervisorError(f"cannot start backend {backend.name}: {exc.strerror}"
-                                  ) from None
+            return backend.runner.launch(argv, fds, die_with_parent(signal.SIGTERM))
+        except RunnerError as exc:
+            raise SupervisorError(f"cannot start backend {backend.name}: {exc}") from None
 
     def _prepare_standby(self, backend: Backend) -> None:
         """(timer thread, lock held) A warm twin waiting on a pipe."""
@@ -326,7 +341,7 @@ class Supervisor:
             time.sleep(SOCKET_POLL)
 
     # -- exits and restarts ---------------------------------------------------
-    def _watch(self, backend: Backend, proc: subprocess.Popen[bytes]) -> None:
+    def _watch(self, backend: Backend, proc: Child) -> None:
         rc = proc.wait()
         with self._lock:
             if proc is not backend.proc:
@@ -476,6 +491,8 @@ class Supervisor:
                 log.warning("backend %s ignored SIGTERM; killing it", b.name)
                 b.proc.kill()
                 b.proc.wait()
+        for b in self.backends:
+            b.runner.close()
         if self._own_dir:
             import shutil
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from dvmm_shared import backend_args
+from dvmm_shared import backend_args, sandbox, sandbox_fds
 from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
 from dvmm_shared.cli import (
     UsageError,
@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_listen_args(p)
     p.add_argument("--image", "--blk-file", dest="image", metavar="FILE",
                    help="raw disk image (or block device) to serve")
+    p.add_argument("--image-fd", type=int, metavar="N",
+                   help="serve the image open as inherited fd N instead of a path (the "
+                        "dvmm core opens it: the backend needs no view of the host's files)")
     p.add_argument("--read-only", action="store_true",
                    help="open the image read-only and advertise VIRTIO_BLK_F_RO")
     p.add_argument("--queues", type=int, default=1, metavar="N",
@@ -76,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"worker threads of the threads engine, and of io_uring's "
                         f"fallback (1..{MAX_THREADS}, default {DEFAULT_THREADS})")
     add_common_tail(p)
+    sandbox_fds.add_fds_arg(p)
+    sandbox.add_sandbox_args(p)
 
 
 def build_parser(prog: str = "dvmm backend blk") -> argparse.ArgumentParser:
@@ -87,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(CAPABILITIES, indent=2))
         return 0
     wait_for_activation(args.standby_fd)
-    if not args.image:
-        raise UsageError("--image FILE is required")
+    lifeline = sandbox_fds.apply_handed_fds(args)
+    if (args.image is None) == (args.image_fd is None):
+        raise UsageError("give exactly one of --image FILE or --image-fd N")
+    if args.image_fd is not None:
+        # Our own open file description (and flock) of the handed file: it
+        # ends with this process, so a restarted backend locks it again.
+        args.image = f"/proc/self/fd/{args.image_fd}"
     check_listen_args(args)
     if not 1 <= args.queues <= 64:
         raise UsageError(f"--queues must be 1..64, not {args.queues}")
@@ -99,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
         raw = RawDisk(args.image, read_only=args.read_only)
     except DiskError as exc:
         raise UsageError(str(exc)) from None
+    try:
+        sandbox.drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
+    except sandbox.SandboxError as exc:
+        raw.close()
+        raise UsageError(str(exc)) from None
+    if lifeline is not None:
+        sandbox_fds.watch_lifeline(lifeline)
     # Error injection only where someone can arm it: the plain data path stays as it was.
     disk: Disk = FaultyDisk(raw) if args.control else raw
     serial = args.serial if args.serial is not None else default_serial(args.image)
@@ -114,7 +131,18 @@ def run(args: argparse.Namespace) -> int:
         device.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
     control = serve_commands(args.control, daemon, device) if args.control else None
+    if control is not None and args.test_hooks:
+        from dvmm_shared import sandbox_hostile
+
+        sandbox_hostile.install(control, daemon)
     daemon.install_signal_handlers()
+    try:  # start-up is over: the seccomp allow-list from here on
+        sandbox.confine("blk", args.seccomp)
+    except sandbox.SandboxError as exc:
+        if control is not None:
+            control.close()
+        daemon.close()
+        raise UsageError(str(exc)) from None
     log.info("serving %s (%d bytes%s, %d queue%s, %s engine)", args.image, disk.size,
              ", read-only" if disk.read_only else "", args.queues,
              "s" if args.queues > 1 else "", args.engine)

@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 
-from dvmm_shared import backend_args
+from dvmm_shared import backend_args, sandbox, sandbox_fds
 from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
 from dvmm_shared.cli import (
     UsageError,
@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "whose vhost-user-net crashes when offered it (QEMU keeps the "
                         "net config space itself; the dvmm core reads it from here)")
     add_common_tail(p)
+    sandbox_fds.add_fds_arg(p)
+    sandbox.add_sandbox_args(p)
 
 
 def build_parser(prog: str = "dvmm backend net") -> argparse.ArgumentParser:
@@ -142,10 +144,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(CAPABILITIES, indent=2))
         return 0
     wait_for_activation(args.standby_fd)
+    lifeline = sandbox_fds.apply_handed_fds(args)
     queues = check_args(args)
     mac = parse_mac(args.mac)
     setup_logging("dvmm-net", args.verbose, args.quiet)
     link = open_link(args, queues)
+    try:
+        sandbox.drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
+    except sandbox.SandboxError as exc:
+        link.close()
+        raise UsageError(str(exc)) from None
+    if lifeline is not None:
+        sandbox_fds.watch_lifeline(lifeline)
     device = NetDevice(link, mac=mac, mtu=args.mtu, queue_pairs=queues,
                        config_space=not args.no_config_space)
     try:
@@ -154,7 +164,18 @@ def run(args: argparse.Namespace) -> int:
         link.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
     control = serve_commands(args.control, daemon, device) if args.control else None
+    if control is not None and args.test_hooks:
+        from dvmm_shared import sandbox_hostile
+
+        sandbox_hostile.install(control, daemon)
     daemon.install_signal_handlers()
+    try:  # start-up is over: the seccomp allow-list from here on
+        sandbox.confine("net", args.seccomp)
+    except sandbox.SandboxError as exc:
+        if control is not None:
+            control.close()
+        daemon.close()
+        raise UsageError(str(exc)) from None
     log.info("serving %s as %s (%d queue pair%s, mtu %s)", link.description, args.mac.lower(),
              queues, "s" if queues > 1 else "", args.mtu or "not advertised")
     try:

@@ -51,6 +51,7 @@ from .serial import Serial
 from .vhost_devices import PendingFunction, VhostDevice
 
 if TYPE_CHECKING:  # imported where used: not every machine has these (start-up cost)
+    from ..runners import Runner
     from ..vhost_user_frontend import RamRegion, VhostUserLink
     from ..virtio_pci.device import VirtioPciDevice
     from .display import DisplayLink, DisplaySpec
@@ -81,6 +82,7 @@ class DiskSpec:
     socket: str | None = None
     read_only: bool = False
     restart: RestartPolicy | None = None  # None: the machine's policy
+    runner: str | None = None  # process|bwrap|docker; None: the machine's
 
 
 @dataclass
@@ -94,6 +96,7 @@ class NetSpec:
     mac: str | None = None
     queues: int = 1
     restart: RestartPolicy | None = None
+    runner: str | None = None
 
 
 def add_boot_menu_key(fw: FwCfg, key: str) -> None:
@@ -127,6 +130,7 @@ class MachineConfig:
     kvm_path: str = "/dev/kvm"
     restart: RestartSpec = field(default_factory=RestartSpec)
     standby: bool = True  # a warm twin per backend for fast restarts
+    runner: str = "process"  # how backends are started (``runners``): process|bwrap|docker
     display: DisplaySpec | None = None  # a display process, ramfb and a PS/2 keyboard
     boot_menu: int | None = None  # SeaBIOS's boot menu, waiting this many ms for a key
     boot_menu_key: str = "esc"  # or "f12" (SeaBIOS before 1.12 used F12)
@@ -268,32 +272,39 @@ class Machine:
         return fw
 
     def add_disk(self, disk: DiskSpec, index: int) -> None:
-        args = ["--image", disk.image] if disk.image is not None else []
-        if disk.read_only:
-            args.append("--read-only")
         from dvmm_shared.virtio import VirtioDeviceId
 
+        from ..runners_resources import disk_args
+
+        runner = self._runner(disk.runner) if disk.socket is None else None
+        args = disk_args(runner, disk.image, disk.read_only) if runner and disk.image else []
+        if disk.read_only:
+            args.append("--read-only")
         self._add_vhost_device(f"blk{index}", VirtioDeviceId.BLOCK, "dvmm_blk", args,
-                               disk.socket, BLK_CONFIG_SIZE, disk.restart)
+                               disk.socket, BLK_CONFIG_SIZE, disk.restart, runner)
 
     def add_net(self, net: NetSpec, index: int) -> None:
         from dvmm_shared.virtio import VirtioDeviceId
 
+        runner = self._runner(net.runner) if net.socket is None else None
         args = ["--mac", net.mac or default_mac(index)]
-        if net.tap is not None:
-            args += ["--tap", net.tap]
+        if net.tap is not None and runner is not None:
+            from ..runners_resources import tap_args
+
+            args += tap_args(runner, net.tap, net.queues)
         elif net.peer is not None:
             args += ["--peer", net.peer]
         if net.queues > 1:
             args += ["--queues", str(net.queues)]
         self._add_vhost_device(f"net{index}", VirtioDeviceId.NET, "dvmm_net",
                                args if net.socket is None else [], net.socket, NET_CONFIG_SIZE,
-                               net.restart)
+                               net.restart, runner)
         self._add_pxe_rom()
 
     def _add_vhost_device(self, name: str, device_type: int, module: str, args: list[str],
                           socket: str | None, config_size: int,
-                          policy: RestartPolicy | None) -> None:
+                          policy: RestartPolicy | None, runner: Runner | None = None
+                          ) -> None:
         """Spawn the backend (or note the socket) and reserve the device's PCI
         slot; the link and the function come up beside the guest (see
         ``vhost_devices``: the device's first access waits for its backend)."""
@@ -301,12 +312,17 @@ class Machine:
         if socket is None:
             restart = (self.cfg.restart if policy is None
                        else self.cfg.restart._replace(policy=policy))
-            backend = self.supervisor.spawn_python(name, module,
-                                                   [*args, *self.cfg.backend_args],
-                                                   restart=restart, control=True,
-                                                   standby=self.cfg.standby)
+            backend = self.supervisor.spawn_python(
+                name, module, [*args, *self.cfg.backend_args], restart=restart, control=True,
+                standby=self.cfg.standby, runner=runner)
         self._plug(VhostDevice(self, name, device_type, config_size, socket=socket,
                                backend=backend))
+
+    def _runner(self, kind: str | None) -> Runner:
+        """How a backend of ours starts (``--backend-runner``, or runner= per device)."""
+        from ..runners import RunnerKind, make_runner
+
+        return make_runner(RunnerKind(kind or self.cfg.runner))
 
     def _plug(self, device: VhostDevice) -> None:
         """The device's PCI slot, held until its backend is up."""
