@@ -70,6 +70,12 @@ def region_size(num_queues: int, queue_size: int) -> int:
     return num_queues * queue_region_size(queue_size)
 
 
+def state_offset(num_queues: int, queue_size: int) -> int:
+    """Where device state starts in a region's memfd: after the queues,
+    page aligned (a backend's ``state_size``, see VhostUserBackend)."""
+    return (region_size(num_queues, queue_size) + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+
+
 def check_geometry(num_queues: int, queue_size: int, max_queues: int) -> int:
     """Validate a frontend's ``num_queues``/``queue_size``; returns the region size."""
     if not 1 <= num_queues <= max_queues:
@@ -226,14 +232,15 @@ class InflightRegion:
         return region
 
     @classmethod
-    def allocate(cls, num_queues: int, queue_size: int, max_queues: int
+    def allocate(cls, num_queues: int, queue_size: int, max_queues: int, extra: int = 0
                  ) -> tuple[int, InflightRegion]:
         """A new zeroed region in a sealed memfd (GET_INFLIGHT_FD): ``(fd, region)``;
-        the caller owns the fd."""
+        the caller owns the fd.  ``extra`` bytes of device state follow the
+        queues at :func:`state_offset` (not part of the described region)."""
         need = check_geometry(num_queues, queue_size, max_queues)
         fd = os.memfd_create("dvmm-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(fd, need)
+            os.ftruncate(fd, state_offset(num_queues, queue_size) + extra if extra else need)
             # Nobody may shrink it under a mapping (SIGBUS), as libvhost-user does.
             import fcntl
 

@@ -11,6 +11,12 @@ no response data (as QEMU's device does).  Requests are served in order
 and synchronously, so a fenced request's fence has signalled by the time
 its response is written.
 
+Crash recovery (:mod:`.recovery`): with the in-flight memfd the frontend
+keeps (INFLIGHT_SHMFD, :attr:`GpuDevice.state_size` bytes of it are the
+device's), every request that changes the table is saved there before its
+answer is pushed, and a restarted process restores the table from it when
+its first ring starts.
+
 The connection also brings guest memory (SET_MEM_TABLE), which the ramfb
 scanout reads even when the machine has no virtio-gpu function:
 :meth:`GpuDevice.memory` is the current session's :class:`GuestMemory`.
@@ -55,6 +61,8 @@ from .gpu_protocol import (
     parse_header,
     response,
 )
+from .gpu_state import STATE_SIZE
+from .recovery import Recovery
 from .resources import ResourceTable
 
 log = logging.getLogger("dvmm.display")
@@ -65,6 +73,9 @@ NUM_SCANOUTS = 1
 # struct virtio_gpu_config (5.7.4): events_read, events_clear, num_scanouts, num_capsets.
 CONFIG = struct.Struct("<IIII")
 MAX_REQUEST = CTRL_HDR.size + 8 + MAX_BACKING_ENTRIES * MEM_ENTRY.size
+#: Commands that change what a restarted process must restore.
+CHANGING = (ResourceCreate2D, ResourceUnref, SetScanout, AttachBacking, DetachBacking,
+            UpdateCursor)
 
 
 @dataclass
@@ -82,12 +93,14 @@ class GpuDevice(VhostUserBackend):
     """virtio-gpu over vhost-user; the session's memory feeds every scanout."""
 
     max_queue_size = 1024
+    state_size = STATE_SIZE
 
     def __init__(self, size: tuple[int, int] = (1024, 768)) -> None:
         self.stats = GpuStats()
         self.events_read = 0
         self._host: BackendHost | None = None
         self.table = ResourceTable(self.memory, num_scanouts=NUM_SCANOUTS, size=size)
+        self.recovery = Recovery(self.table)
         self._handlers: dict[type, Callable[[Command], Result]] = {
             GetDisplayInfo: self._display_info, GetEdid: self._edid,
             ResourceCreate2D: self._create, ResourceUnref: self._unref,
@@ -116,6 +129,19 @@ class GpuDevice(VhostUserBackend):
     def attach(self, host: BackendHost) -> None:
         self._host = host
 
+    # -- crash recovery (see the module doc) --------------------------------------------
+    def state_region(self, fd: int, offset: int, fresh: bool) -> None:
+        self.recovery.attach(fd, offset, fresh)
+
+    def queue_started(self, index: int) -> None:
+        self.recovery.ring_started()
+
+    def reset(self) -> None:
+        """The frontend left or reset the device: nothing of its session stays
+        (a frontend that keeps the in-flight memfd gets it back from there)."""
+        self.recovery.detach()
+        self.table.reset()
+
     def memory(self) -> GuestMemory | None:
         """The last frontend's guest memory (None before the first one; empty
         once it reset or left, as the session clears it).  Safe from other
@@ -128,7 +154,13 @@ class GpuDevice(VhostUserBackend):
         self.stats.requests += 1
         reader = ChainReader(chain.readable)
         data = reader.read(min(reader.remaining, MAX_REQUEST))
-        hdr, resp, payload = self.serve(data, cursor_queue=queue_index == CURSORQ)
+        if self.recovery.is_replay(queue_index, chain.head, data):
+            # applied (and saved) by the previous process, unanswered: answer it
+            hdr, resp, payload = _header_or_none(data), Resp.OK_NODATA, b""
+        else:
+            hdr, resp, payload = self.serve(data, cursor_queue=queue_index == CURSORQ,
+                                            on_change=lambda: self.recovery.changed(
+                                                queue_index, chain.head, data))
         if queue_index == CURSORQ:
             return 0
         out = response(hdr, resp, payload)
@@ -141,8 +173,11 @@ class GpuDevice(VhostUserBackend):
         writer.write(out)
         return len(out)
 
-    def serve(self, data: bytes, cursor_queue: bool = False) -> tuple[Header | None, Resp, bytes]:
-        """One request's bytes to (its header, the response type, the payload)."""
+    def serve(self, data: bytes, cursor_queue: bool = False,
+              on_change: Callable[[], None] | None = None
+              ) -> tuple[Header | None, Resp, bytes]:
+        """One request's bytes to (its header, the response type, the payload);
+        ``on_change`` runs after a request that changed the table."""
         hdr: Header | None = None
         try:
             hdr = parse_header(data)
@@ -152,6 +187,8 @@ class GpuDevice(VhostUserBackend):
             self.stats.errors += 1
             log.debug("gpu request %s: %s", hdr, exc)
             return hdr, exc.resp, b""
+        if on_change is not None and isinstance(cmd, CHANGING):
+            on_change()
         return hdr, resp, payload
 
     def _display_info(self, cmd: Command) -> Result:
@@ -207,3 +244,10 @@ class GpuDevice(VhostUserBackend):
         assert isinstance(cmd, MoveCursor)
         self.table.move_cursor(cmd.pos.scanout_id, cmd.pos.x, cmd.pos.y)
         return Resp.OK_NODATA, b""
+
+
+def _header_or_none(data: bytes) -> Header | None:
+    try:
+        return parse_header(data)
+    except GpuError:
+        return None

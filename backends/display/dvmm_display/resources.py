@@ -87,6 +87,10 @@ class ResourceTable:
         self.scanouts = [Scanout(*size) for _ in range(num_scanouts)]
         self.cursor: Cursor | None = None
         self.cursor_pos = (0, 0)
+        # what UPDATE_CURSOR last set, for the state a restarted process restores
+        self.cursor_resource = 0
+        self.cursor_scanout = 0
+        self.cursor_hot = (0, 0)
 
     # -- lookups ---------------------------------------------------------------------
     def resource(self, resource_id: int) -> Resource:
@@ -210,7 +214,7 @@ class ResourceTable:
         self.scanout(scanout_id)
         self.cursor_pos = (x, y)
         if resource_id == 0:
-            self.cursor = None
+            self.cursor, self.cursor_resource = None, 0
             return
         res = self.resource(resource_id)
         w, h = min(res.width, CURSOR_SIZE), min(res.height, CURSOR_SIZE)
@@ -224,6 +228,8 @@ class ResourceTable:
             alpha = pixels[_alpha_offset(res.format)::4]
         mask = b"".join(_mask_row(alpha[y * w:(y + 1) * w]) for y in range(h))
         self.cursor = Cursor(w, h, hot_x, hot_y, to_xrgb(res.format, pixels), mask)
+        self.cursor_resource, self.cursor_scanout = resource_id, scanout_id
+        self.cursor_hot = (hot_x, hot_y)
 
     def move_cursor(self, scanout_id: int, x: int, y: int) -> None:
         self.scanout(scanout_id)
@@ -241,7 +247,7 @@ class ResourceTable:
         self.used = 0
         for s in self.scanouts:
             s.resource_id, s.frame = 0, None
-        self.cursor = None
+        self.cursor, self.cursor_resource = None, 0
 
 
 def _alpha_offset(fmt: Format) -> int:

@@ -98,6 +98,18 @@ class VhostUserBackend(ABC):
     def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
         """The features the driver acknowledged."""
 
+    #: Bytes of device state kept in the in-flight memfd after the queues'
+    #: region (0: none).  The frontend keeps that memfd across backend
+    #: restarts (INFLIGHT_SHMFD), so what a device writes there survives it.
+    state_size: int = 0
+
+    def state_region(self, fd: int, offset: int, fresh: bool) -> None:  # noqa: B027
+        """The in-flight memfd arrived: ``state_size`` bytes at ``offset`` are
+        the device's (map them before returning; the fd is closed after).
+        ``fresh``: a new region (GET_INFLIGHT_FD), or one handed back on
+        which no ring has run since the frontend cleared it (a new driver
+        session); otherwise what the previous process left there."""
+
     def get_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the device config space from ``offset`` (zero padded)."""
         return bytes(size)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..eventfd import EventFd
-from ..inflight import InflightError, InflightRegion
+from ..inflight import InflightError, InflightRegion, state_offset
 from ..memory import GuestMemory, GuestMemoryError, Region
 from ..virtio import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
 from ..virtqueue import QueueError, RingError, RingLayout, SplitQueue
@@ -415,12 +415,14 @@ class Session:
 
     def _get_inflight_fd(self, msg: Message) -> FdReply:
         info = self._inflight_negotiated(msg)
-        fd, region = InflightRegion.allocate(info.num_queues, info.queue_size, len(self.vrings))
+        fd, region = InflightRegion.allocate(info.num_queues, info.queue_size, len(self.vrings),
+                                             self.backend.state_size)
         self.inflight = region  # in use at once; SET_INFLIGHT_FD normally follows
+        answer = InflightInfo(region.size, 0, info.num_queues, info.queue_size)
+        self._hand_state(fd, answer, fresh=True)
         log.info("in-flight region: %d queues of %d entries, %d bytes",
                  info.num_queues, info.queue_size, region.size)
-        return FdReply(InflightInfo(region.size, 0, info.num_queues, info.queue_size).encode(),
-                       fd)
+        return FdReply(answer.encode(), fd)
 
     def _set_inflight_fd(self, msg: Message) -> None:
         info = self._inflight_negotiated(msg)
@@ -430,11 +432,30 @@ class Session:
         try:
             region = InflightRegion.map(fd, info.mmap_size, info.mmap_offset, info.num_queues,
                                         info.queue_size, len(self.vrings))
+            # a cleared region (no ring ran on it since): a new driver session
+            fresh = not any(q.version for q in map(region.queue, range(region.num_queues))
+                            if q is not None)
+            self._hand_state(fd, info, fresh=fresh)
         finally:
             os.close(fd)
         self.inflight = region
         log.info("in-flight region handed back: %d queues of %d entries",
                  info.num_queues, info.queue_size)
+
+    def _hand_state(self, fd: int, info: InflightInfo, fresh: bool) -> None:
+        """The device's state piece of the region's memfd, if it keeps one
+        and the memfd holds it (a region from another backend may not)."""
+        size = self.backend.state_size
+        if not size:
+            return
+        offset = info.mmap_offset + state_offset(info.num_queues, info.queue_size)
+        try:
+            if os.fstat(fd).st_size < offset + size:
+                log.warning("in-flight region has no room for the device state: not kept")
+                return
+            self.backend.state_region(fd, offset, fresh)
+        except (OSError, ValueError) as exc:
+            log.warning("device state in the in-flight region: %s", exc)
 
     def _track(self, ring: Vring, queue: SplitQueue) -> None:
         """Attach the ring to its in-flight region and resume from it."""
