@@ -55,6 +55,8 @@ COMMANDS = (
     Command("fault", "inject a fault into one backend", "dvmm_core.control_cli",
             "add_parsers"),
     Command("display", "a running VM's display (screenshot)", "dvmm_core.display_cli"),
+    Command("config", "VM configuration files (dump the effective one as TOML)",
+            "dvmm_core.config_dump"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
 )
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_logging
 
+from .config_file import apply as apply_config
+from .config_file import mark_defaults
 from .kvm.ioctls import KvmError
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
 from .qmp.options import add_arguments as add_management_args
@@ -134,8 +136,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--firmware-log", metavar="FILE",
                    help="write the firmware debug port (0x402) output to FILE")
     add_management_args(p)
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="read the VM's settings from a TOML file (flags given here override "
+                        "it; `dvmm config dump` writes one)")
     add_logging_args(p)
     p.set_defaults(func=run)
+    mark_defaults(p)
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The options with the --config file's values where no flag was given."""
+    return apply_config(args, {"disk": parse_disk, "net": parse_net, "display": parse_display})
 
 
 def _policy(text: str) -> RestartPolicy:
@@ -387,6 +398,7 @@ GIL_SWITCH_INTERVAL = 0.001
 
 
 def run(args: argparse.Namespace) -> int:
+    args = resolve_args(args)
     setup_logging("dvmm", args.verbose, args.quiet)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     cfg = build_config(args)
