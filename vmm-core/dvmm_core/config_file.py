@@ -48,15 +48,19 @@ class Key(NamedTuple):
     key: str
     dest: str
     kind: str     # "int", "bool", "str", "path", "serial", "list"
+    low: int | None = None   # an int's range, checked here to name the key
+    high: int | None = None
 
 
 KEYS = (
     Key("", "name", "name", "str"), Key("", "uuid", "uuid", "str"),
-    Key("machine", "memory", "memory", "int"), Key("machine", "cpus", "cpus", "int"),
+    Key("machine", "memory", "memory", "int", 16, 1 << 30),
+    Key("machine", "cpus", "cpus", "int", 1, 64),
     Key("machine", "hugepages", "hugepages", "bool"), Key("machine", "kvm", "kvm", "path"),
     Key("boot", "firmware", "firmware", "firmware"), Key("boot", "kernel", "kernel", "path"),
     Key("boot", "initrd", "initrd", "path"), Key("boot", "cmdline", "cmdline", "str"),
-    Key("boot", "menu", "boot_menu", "int"), Key("boot", "menu-key", "boot_menu_key", "str"),
+    Key("boot", "menu", "boot_menu", "int", 0, 0xFFFF),
+    Key("boot", "menu-key", "boot_menu_key", "str"),
     Key("backends", "restart", "restart", "str"),
     Key("backends", "restart-limit", "restart_limit", "str"),
     Key("backends", "runner", "backend_runner", "str"),
@@ -209,6 +213,8 @@ class _Reader:
         if not hasattr(self.args, key.dest):
             raise self.fail(where, "not supported by this dvmm run")
         value = self._typed(where, key.kind, value)
+        if key.low is not None and key.high is not None and not key.low <= value <= key.high:
+            raise self.fail(where, f"must be {key.low}..{key.high}, not {value}")
         marker = getattr(self.args, key.dest)
         convert = getattr(marker, "convert", None)
         if convert is not None and isinstance(value, str):
