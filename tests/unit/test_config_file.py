@@ -135,7 +135,7 @@ def test_bad_files_are_one_line_naming_the_key(tmp_path: Path, image: Path, text
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="--config .*nope.toml: No such file"):
+    with pytest.raises(UsageError, match=r"--config .*nope\.toml: No such file"):
         parse("--config", str(tmp_path / "nope.toml"))
 
 
