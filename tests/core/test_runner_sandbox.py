@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corevm import CoreVM, dvmm_argv, wait_until
+from corevm import CoreVM, wait_until
 from dvmm_core.boot.demo import DemoDisk, make_demo_disk, parse_demo_output
 from dvmm_core.boot.reread import make_reread_disk, parse_reread_output
 from dvmm_shared.control import command
@@ -117,9 +117,14 @@ def kill_backend(kind: str, runtime: str) -> None:
 
 
 def container_of(runtime: str, name: str = "blk0") -> str:
-    from dvmm_core.runners_docker import container_name
+    """The running container of backend ``name`` (found by the runner's label)."""
+    from dvmm_core.runners_docker import LABEL, container_prefix
 
-    return container_name(runtime, name)
+    out = subprocess.run(["docker", "ps", "-q", "--filter",
+                          f"label={LABEL}={container_prefix(runtime, name)}"],
+                         capture_output=True, text=True, check=True)
+    (container,) = out.stdout.split()
+    return container
 
 
 def test_hostile_sandboxed_backend_is_refused_and_vm_runs_on(tmp_path: Path,
@@ -133,8 +138,10 @@ def test_hostile_sandboxed_backend_is_refused_and_vm_runs_on(tmp_path: Path,
         with event_log(tmp_path, runtime) as log:
             vm.wait_serial("dvmm-reread: booted", timeout=120)
             endpoint = backend(runtime)["control"]
+            assert vm.proc is not None
+            core_pid = vm.proc.pid
             for req in ({"kind": "open", "path": str(secret)},
-                        {"kind": "open", "path": f"/proc/{vm.proc.pid}/mem"},  # type: ignore[union-attr]
+                        {"kind": "open", "path": f"/proc/{core_pid}/mem"},
                         {"kind": "connect", "host": "127.0.0.1", "port": 9},
                         {"kind": "fork"},
                         {"kind": "guest-write", "addr": 1 << 44}):

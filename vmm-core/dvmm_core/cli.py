@@ -58,6 +58,8 @@ COMMANDS = (
     Command("config", "VM configuration files (dump the effective one as TOML)",
             "dvmm_core.config_dump"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
+    Command("docker", "build the backends' container images (--backend-runner docker)",
+            "dvmm_core.runners_docker_build"),
 )
 
 

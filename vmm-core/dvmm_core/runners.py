@@ -158,5 +158,7 @@ def make_runner(kind: RunnerKind, fds: Mapping[str, Sequence[int]] | None = None
 
         return BwrapRunner(fds)
     if kind is RunnerKind.DOCKER:
-        raise RunnerError("the docker runner is not built yet")
+        from .runners_docker import DockerRunner
+
+        return DockerRunner(fds, image=image)
     return Runner(fds)
