@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 
 RAW, ZRLE, CURSOR, DESKTOP_SIZE = 0, 16, -239, -223
+EXTENDED_DESKTOP_SIZE = -308
 
 
 class AuthRefused(Exception):
@@ -154,6 +155,11 @@ class RfbClient:
     def pointer(self, x: int, y: int, buttons: int) -> None:
         self.sock.sendall(struct.pack(">BBHH", 5, buttons, x, y))
 
+    def set_desktop_size(self, width: int, height: int, screens: int = 1) -> None:
+        """SetDesktopSize (the ExtendedDesktopSize extension), one screen."""
+        self.sock.sendall(struct.pack(">BxHHBx", 251, width, height, screens)
+                          + struct.pack(">IHHHHI", 0, 0, 0, width, height, 0) * screens)
+
     # -- updates ---------------------------------------------------------------------
     def read_update(self) -> list[Rect]:
         """The rectangles of the next FramebufferUpdate (applied to :attr:`screen`)."""
@@ -183,6 +189,13 @@ class RfbClient:
         elif enc == DESKTOP_SIZE:
             self.width, self.height = w, h
             self.screen = bytearray(w * h * 4)
+            return r
+        elif enc == EXTENDED_DESKTOP_SIZE:  # x = reason, y = status, then the screens
+            (screens,) = struct.unpack(">B3x", self._exact(4))
+            self._exact(16 * screens)
+            if (w, h) != (self.width, self.height):
+                self.width, self.height = w, h
+                self.screen = bytearray(w * h * 4)
             return r
         else:
             raise AssertionError(f"unexpected encoding {enc}")

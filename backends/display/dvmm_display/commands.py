@@ -8,6 +8,8 @@ core) and the display's part of ``stats``; the standard backend commands
   ``addr`` (``addr=0``: no framebuffer, a blank screen).  Every value is
   checked (:class:`ScanoutConfig`); a bad one gets an error reply and the
   screen stays as it was.
+* ``resize width= height=`` — the display size virtio-gpu offers (as
+  ``--size``), announced to a running driver with the config event.
 * ``screenshot [y= rows=] [compress=true]`` — ``{"width", "height",
   "format": "XRGB8888", "pixels", "y", "rows", "compressed"}``.  The control
   plane refuses messages over 1 MiB (:data:`dvmm_shared.control.MAX_MESSAGE`),
@@ -24,7 +26,7 @@ from typing import Any
 from dvmm_shared.control import MAX_MESSAGE, CommandServer, ControlError
 
 from .device import GpuDevice
-from .framebuffer import FrameSource, ScanoutConfig, ScanoutError, ScanoutSource
+from .framebuffer import MAX_DIMENSION, FrameSource, ScanoutConfig, ScanoutError, ScanoutSource
 from .input import InputForwarder
 from .input_device import InputDevice
 from .server import VncServer
@@ -56,6 +58,7 @@ class DisplayCommands:
         # Handlers are looked up per request, so adding them after start is safe.
         commands.handlers["ramfb"] = self.ramfb
         commands.handlers["screenshot"] = self.screenshot
+        commands.handlers["resize"] = self.resize
 
     def ramfb(self, req: dict[str, Any]) -> dict[str, Any]:
         addr = _int(req, "addr", 0, (1 << 64) - 1)
@@ -77,12 +80,24 @@ class DisplayCommands:
     def screenshot(self, req: dict[str, Any]) -> dict[str, Any]:
         return screenshot(self.server.source, req)
 
+    def resize(self, req: dict[str, Any]) -> dict[str, Any]:
+        width = _int(req, "width", 1, MAX_DIMENSION)
+        height = _int(req, "height", 1, MAX_DIMENSION)
+        call_soon = self.device.call_soon
+        if call_soon is None:
+            raise ControlError("resize: the device is not serving yet")
+        call_soon(lambda: self.device.set_display_size(width, height))
+        return {"width": width, "height": height, "driver": self.device.driver_ready}
+
     def stats(self) -> dict[str, Any]:
         """The device part of the ``stats`` reply."""
         host, port = self.server.address
         cfg = self.scanout.config
         return {
             "gpu": {**asdict(self.device.stats), "resources": len(self.device.table.resources),
+                    "display": list(self.device.table.modes()[0] or ()),
+                    "events_read": self.device.events_read,
+                    "restores": self.device.recovery.restores,
                     "resource_bytes": self.device.table.used,
                     "scanout": self.device.table.presented() is not None},
             "vnc": {"host": host, "port": port, "clients": len(self.server.clients),

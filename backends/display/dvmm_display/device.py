@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from dvmm_shared.chain import ChainReader, ChainWriter
 from dvmm_shared.memory import GuestMemory
 from dvmm_shared.vhost_user.backend import BackendHost, VhostUserBackend
+from dvmm_shared.vhost_user.message import ProtocolFeature
 from dvmm_shared.virtio import VIRTIO_F_VERSION_1, bit
 from dvmm_shared.virtqueue import DescriptorChain
 
+from .framebuffer import MAX_DIMENSION
 from .gpu_protocol import (
     CTRL_HDR,
     MAX_BACKING_ENTRIES,
@@ -64,6 +66,7 @@ from .gpu_protocol import (
 from .gpu_state import STATE_SIZE
 from .recovery import Recovery
 from .resources import ResourceTable
+from .rfb import ResizeStatus
 
 log = logging.getLogger("dvmm.display")
 
@@ -72,6 +75,7 @@ CONTROLQ, CURSORQ = 0, 1
 NUM_SCANOUTS = 1
 # struct virtio_gpu_config (5.7.4): events_read, events_clear, num_scanouts, num_capsets.
 CONFIG = struct.Struct("<IIII")
+VIRTIO_GPU_EVENT_DISPLAY = 1 << 0
 MAX_REQUEST = CTRL_HDR.size + 8 + MAX_BACKING_ENTRIES * MEM_ENTRY.size
 #: Commands that change what a restarted process must restore.
 CHANGING = (ResourceCreate2D, ResourceUnref, SetScanout, AttachBacking, DetachBacking,
@@ -84,6 +88,7 @@ class GpuStats:
     errors: int = 0
     short_chains: int = 0
     cursor_updates: int = 0
+    config_events: int = 0  # display-size changes announced (VIRTIO_GPU_EVENT_DISPLAY)
 
 
 Result = tuple[Resp, bytes]
@@ -101,6 +106,10 @@ class GpuDevice(VhostUserBackend):
         self._host: BackendHost | None = None
         self.table = ResourceTable(self.memory, num_scanouts=NUM_SCANOUTS, size=size)
         self.recovery = Recovery(self.table)
+        #: A driver runs the control queue (it can follow a display-size change).
+        self.driver_ready = False
+        #: Runs a callable on the daemon's loop thread (set by the program).
+        self.call_soon: Callable[[Callable[[], None]], None] | None = None
         self._handlers: dict[type, Callable[[Command], Result]] = {
             GetDisplayInfo: self._display_info, GetEdid: self._edid,
             ResourceCreate2D: self._create, ResourceUnref: self._unref,
@@ -116,6 +125,10 @@ class GpuDevice(VhostUserBackend):
 
     def features(self) -> int:
         return bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_GPU_F_EDID)
+
+    def protocol_features(self) -> int:
+        # the back-end channel carries the config-change notice of a resize
+        return 1 << ProtocolFeature.BACKEND_REQ
 
     def get_config(self, offset: int, size: int) -> bytes:
         data = CONFIG.pack(self.events_read, 0, NUM_SCANOUTS, 0)
@@ -135,12 +148,47 @@ class GpuDevice(VhostUserBackend):
 
     def queue_started(self, index: int) -> None:
         self.recovery.ring_started()
+        if index == CONTROLQ:
+            self.driver_ready = True
+
+    def queue_stopped(self, index: int) -> None:
+        if index == CONTROLQ:
+            self.driver_ready = False
 
     def reset(self) -> None:
         """The frontend left or reset the device: nothing of its session stays
         (a frontend that keeps the in-flight memfd gets it back from there)."""
+        self.driver_ready = False
         self.recovery.detach()
         self.table.reset()
+
+    # -- display size (5.7.4: VIRTIO_GPU_EVENT_DISPLAY) ------------------------------
+    def request_size(self, width: int, height: int) -> int:
+        """A VNC client asks for a screen size (any thread): announced to the
+        driver if one runs (it answers with GET_DISPLAY_INFO and a new
+        scanout), refused otherwise -- firmware cannot follow."""
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+            return ResizeStatus.INVALID_LAYOUT
+        if not self.driver_ready or self.call_soon is None:
+            return ResizeStatus.PROHIBITED
+        self.call_soon(lambda: self.set_display_size(width, height))
+        return ResizeStatus.OK
+
+    def set_display_size(self, width: int, height: int) -> None:
+        """Make ``width`` x ``height`` scanout 0's mode (loop thread): what
+        GET_DISPLAY_INFO and GET_EDID report from now on; the driver learns
+        of it through events_read and a config-change notice."""
+        s = self.table.scanouts[0]
+        if (s.width, s.height) == (width, height):
+            return
+        s.width, s.height = width, height
+        self.events_read |= VIRTIO_GPU_EVENT_DISPLAY
+        self.stats.config_events += 1
+        self.recovery.save()
+        host = self._host
+        notified = host is not None and host.config_changed()
+        log.info("display size %dx%d announced%s", width, height,
+                 "" if notified else " (config event pending: no back-end channel)")
 
     def memory(self) -> GuestMemory | None:
         """The last frontend's guest memory (None before the first one; empty

@@ -39,7 +39,13 @@ from .commands import DisplayCommands
 from .des import PASSWORD_SIZE
 from .device import GpuDevice
 from .evdev import keyboard_spec, tablet_spec
-from .framebuffer import BLANK_HEIGHT, BLANK_WIDTH, PreferredSource, ScanoutSource
+from .framebuffer import (
+    BLANK_HEIGHT,
+    BLANK_WIDTH,
+    MAX_DIMENSION,
+    PreferredSource,
+    ScanoutSource,
+)
 from .input import InputForwarder
 from .input_device import InputDevice, InputRouter
 from .server import DEFAULT_CLIENT_TIMEOUT, VncServer, parse_listen
@@ -95,6 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop a VNC client that stalls this long: handshake unfinished, "
                         "a message half sent, or updates not read (default %(default)g)")
     p.add_argument("--name", default="dvmm", help="desktop name shown by VNC clients")
+    p.add_argument("--size", default="1024x768", metavar="WxH",
+                   help="the display size virtio-gpu offers the driver (default %(default)s); "
+                        "the control command 'resize' and a VNC client's SetDesktopSize "
+                        "change it later (announced with the config event)")
     add_common_tail(p)
 
 
@@ -116,10 +126,19 @@ def read_password(path: str) -> bytes:
     return line
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or not (
+            1 <= int(w) <= MAX_DIMENSION and 1 <= int(h) <= MAX_DIMENSION):
+        raise UsageError(f"--size must be WIDTHxHEIGHT, each 1..{MAX_DIMENSION}, not {text!r}")
+    return int(w), int(h)
+
+
 def check_args(args: argparse.Namespace) -> tuple[str, int]:
     check_listen_args(args)
     if not args.vnc:
         raise UsageError("--vnc HOST:PORT is required")
+    parse_size(args.size)
     if not 0 < args.client_timeout <= 3600:
         raise UsageError(f"--client-timeout must be in (0, 3600], not {args.client_timeout}")
     try:
@@ -136,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = check_args(args)
     setup_logging("dvmm-display", args.verbose, args.quiet)
     password = read_password(args.password_file) if args.password_file else None
-    device = GpuDevice()
+    device = GpuDevice(size=parse_size(args.size))
     scanout = ScanoutSource(device.memory)
     # virtio-gpu's scanout once a driver sets one; ramfb (firmware) before that
     source = PreferredSource(device.table.presented, lambda: device.table.cursor, scanout)
@@ -146,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         # Before the gpu socket: whoever waits for that one finds these too.
         router = inputs.listen(args, forwarder, lambda: screen_size(device, scanout))
         server = VncServer(host, port, source, router, password=password,
-                           name=args.name, client_timeout=args.client_timeout)
+                           name=args.name, client_timeout=args.client_timeout,
+                           resizer=device.request_size)
     except OSError as exc:
         inputs.stop()
         forwarder.close()
@@ -162,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         inputs.stop()
         forwarder.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
+    device.call_soon = daemon.call_soon
     commands = DisplayCommands(scanout, server, device, forwarder, inputs.devices)
     control = serve_commands(args.control, daemon, commands, inputs) if args.control else None
     daemon.install_signal_handlers()

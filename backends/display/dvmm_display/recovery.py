@@ -101,6 +101,7 @@ class Recovery:
         self.pending: GpuState | None = None  # to restore when guest memory is there
         #: The request a crash may have left applied but unanswered.
         self.replay: Marker | None = None
+        self.last: Marker | None = None  # the marker of the newest save
         self.restores = 0
         self.save_errors = 0
 
@@ -111,7 +112,7 @@ class Recovery:
         except StateError as exc:
             log.warning("no crash recovery for the gpu state: %s", exc)
             return
-        self.store, self.replay = store, None
+        self.store, self.replay, self.last = store, None, None
         if fresh:
             store.clear()
             self.table.reset()
@@ -128,7 +129,7 @@ class Recovery:
             return
         report = restore(self.table, state)
         self.restores += 1
-        self.replay = state.marker
+        self.replay = self.last = state.marker
         log.info("gpu state restored: %d resources (%d failed), %d scanouts",
                  report.resources, report.failed, report.scanouts)
 
@@ -144,10 +145,16 @@ class Recovery:
 
     def changed(self, queue: int, head: int, data: bytes) -> None:
         """A request changed the table: save it (before the answer is pushed)."""
+        self.last = Marker(queue, head, request_crc(data))
+        self.save()
+
+    def save(self) -> None:
+        """Save the table as it is (also for changes no request made: a new
+        display size), keeping the last request's marker."""
         if self.store is None:
             return
         try:
-            self.store.save(capture(self.table, Marker(queue, head, request_crc(data))))
+            self.store.save(capture(self.table, self.last))
         except StateError as exc:
             self.save_errors += 1
             self.store.clear()  # better nothing than an older table after a restart

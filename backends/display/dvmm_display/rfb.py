@@ -185,6 +185,7 @@ class ClientMsg(enum.IntEnum):
     KEY_EVENT = 4
     POINTER_EVENT = 5
     CLIENT_CUT_TEXT = 6
+    SET_DESKTOP_SIZE = 251  # the ExtendedDesktopSize extension (RFB community spec)
 
 
 @dataclass(frozen=True)
@@ -224,13 +225,35 @@ class ClientCutText:
     text: bytes  # ISO 8859-1 (7.5.6)
 
 
+@dataclass(frozen=True)
+class Screen:
+    """One screen of a SetDesktopSize / ExtendedDesktopSize layout."""
+
+    id: int
+    x: int
+    y: int
+    width: int
+    height: int
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class SetDesktopSize:
+    width: int
+    height: int
+    screens: tuple[Screen, ...]
+
+
 ClientMessage = (SetPixelFormat | SetEncodings | FramebufferUpdateRequest | KeyEvent
-                 | PointerEvent | ClientCutText)
+                 | PointerEvent | ClientCutText | SetDesktopSize)
+MAX_SCREENS = 16
+SCREEN = struct.Struct(">IHHHHI")
 
 _FIXED = {  # message type -> total length of the fixed part
     ClientMsg.SET_PIXEL_FORMAT: 20, ClientMsg.SET_ENCODINGS: 4,
     ClientMsg.FRAMEBUFFER_UPDATE_REQUEST: 10, ClientMsg.KEY_EVENT: 8,
     ClientMsg.POINTER_EVENT: 6, ClientMsg.CLIENT_CUT_TEXT: 8,
+    ClientMsg.SET_DESKTOP_SIZE: 8,
 }
 
 
@@ -266,6 +289,8 @@ def parse_client_message(buf: bytes | bytearray,
     if kind is ClientMsg.POINTER_EVENT:
         mask, x, y = struct.unpack_from(">BHH", head, 1)
         return PointerEvent(mask, x, y), fixed
+    if kind is ClientMsg.SET_DESKTOP_SIZE:
+        return _set_desktop_size(buf, head, fixed)
     (length,) = struct.unpack_from(">I", head, 4)
     # A negative S32 here is the Extended Clipboard extension, which is only
     # legal once the server has advertised it; this one never does.
@@ -276,6 +301,20 @@ def parse_client_message(buf: bytes | bytearray,
     return ClientCutText(bytes(buf[fixed:fixed + length])), fixed + length
 
 
+def _set_desktop_size(buf: bytes | bytearray, head: bytes,
+                      fixed: int) -> tuple[ClientMessage, int] | None:
+    """``{u8 251, pad, u16 width, u16 height, u8 screens, pad, screen[]}``."""
+    width, height, count = struct.unpack_from(">HHB", head, 2)
+    if count > MAX_SCREENS:
+        raise MessageTooLargeError(f"SetDesktopSize with {count} screens")
+    end = fixed + SCREEN.size * count
+    if len(buf) < end:
+        return None
+    screens = tuple(Screen(*SCREEN.unpack_from(bytes(buf[fixed:end]), i * SCREEN.size))
+                    for i in range(count))
+    return SetDesktopSize(width, height, screens), end
+
+
 # -- server to client (7.6) and encodings (7.7, 7.8) ---------------------------------
 
 class Encoding(enum.IntEnum):
@@ -284,6 +323,24 @@ class Encoding(enum.IntEnum):
     ZRLE = 16
     CURSOR = -239
     DESKTOP_SIZE = -223
+    EXTENDED_DESKTOP_SIZE = -308
+
+
+class ResizeReason(enum.IntEnum):
+    """ExtendedDesktopSize's x-position: why the size is sent."""
+
+    SERVER = 0  # the server (the guest) changed it
+    THIS_CLIENT = 1  # the answer to this client's SetDesktopSize
+    OTHER_CLIENT = 2
+
+
+class ResizeStatus(enum.IntEnum):
+    """ExtendedDesktopSize's y-position in an answer to SetDesktopSize."""
+
+    OK = 0
+    PROHIBITED = 1
+    OUT_OF_RESOURCES = 2
+    INVALID_LAYOUT = 3
 
 
 _U16 = 0xFFFF
@@ -305,3 +362,9 @@ def bell() -> bytes:
 
 def server_cut_text(text: bytes) -> bytes:
     return struct.pack(">B3xI", 3, len(text)) + text
+
+
+def extended_desktop_size_rect(reason: int, status: int, width: int, height: int) -> bytes:
+    """An ExtendedDesktopSize pseudo-rectangle: one screen covering the framebuffer."""
+    return (rect_header(reason, status, width, height, Encoding.EXTENDED_DESKTOP_SIZE)
+            + struct.pack(">B3x", 1) + SCREEN.pack(0, 0, 0, width, height, 0))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .framebuffer import FrameSource
 from .rfb import RfbError
-from .session import ClientState, InputSink, VncSession
+from .session import ClientState, InputSink, Resizer, VncSession, no_resize
 
 log = logging.getLogger("dvmm.vnc")
 
@@ -76,7 +76,7 @@ class VncServer:
                  password: bytes | None = None, name: str = "dvmm",
                  client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
                  frame_interval: float = FRAME_INTERVAL,
-                 max_clients: int = MAX_CLIENTS) -> None:
+                 max_clients: int = MAX_CLIENTS, resizer: Resizer = no_resize) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.create_server((host, port), family=family, backlog=16)
         self.listener.setblocking(False)
@@ -87,6 +87,7 @@ class VncServer:
         self.client_timeout = client_timeout
         self.frame_interval = frame_interval
         self.max_clients = max_clients
+        self.resizer = resizer  # a client's SetDesktopSize (ExtendedDesktopSize)
         self.stats = ServerStats()
         self.clients: dict[int, Client] = {}
         self._sel = selectors.DefaultSelector()
@@ -175,7 +176,8 @@ class VncServer:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = time.monotonic()
-        session = VncSession(self.password, self.name, self.sink, self.source.snapshot)
+        session = VncSession(self.password, self.name, self.sink, self.source.snapshot,
+                             self.resizer)
         client = Client(sock, peer, session, now, now, now)
         self.clients[sock.fileno()] = client
         self.stats.accepted += 1

@@ -24,7 +24,7 @@ from typing import Protocol
 from . import des
 from .damage import Rect, damaged, full
 from .encoders import ZrleEncoder, choose_encoding, cursor_rect, desktop_size_rect, encode_raw
-from .framebuffer import Cursor, Frame
+from .framebuffer import MAX_DIMENSION, Cursor, Frame
 from .pixels import PixelConverter
 from .rfb import (
     NATIVE_FORMAT,
@@ -36,11 +36,15 @@ from .rfb import (
     FramebufferUpdateRequest,
     KeyEvent,
     PointerEvent,
+    ResizeReason,
+    ResizeStatus,
     RfbError,
     SecurityType,
+    SetDesktopSize,
     SetEncodings,
     SetPixelFormat,
     Version,
+    extended_desktop_size_rect,
     framebuffer_update_header,
     needs_security_result,
     parse_client_message,
@@ -75,6 +79,16 @@ class InputSink(Protocol):
     def cut_text(self, text: bytes) -> None: ...
 
 
+#: Asks for a new screen size (a client's SetDesktopSize); returns a
+#: :class:`ResizeStatus` value.  The size changes later, when the guest
+#: follows (virtio-gpu: the config event, 5.7.4), or never.
+Resizer = Callable[[int, int], int]
+
+
+def no_resize(width: int, height: int) -> int:
+    return ResizeStatus.PROHIBITED
+
+
 @dataclass
 class SessionStats:
     updates: int = 0
@@ -87,10 +101,13 @@ class VncSession:
     """The protocol of one client connection."""
 
     def __init__(self, password: bytes | None, name: str, sink: InputSink,
-                 initial_frame: Callable[[], Frame]) -> None:
+                 initial_frame: Callable[[], Frame], resizer: Resizer = no_resize) -> None:
         self.password = password
         self.name = name
         self.sink = sink
+        self.resizer = resizer
+        #: ExtendedDesktopSize rectangles owed to the client (answers, announcements)
+        self.size_notes: list[tuple[int, int]] = []
         self._initial_frame = initial_frame
         self.state = ClientState.VERSION
         self.version = SERVER_VERSION
@@ -199,6 +216,11 @@ class VncSession:
         elif isinstance(msg, SetEncodings):
             self.encodings = msg.encodings
             self.cursor_sent = None
+            if Encoding.EXTENDED_DESKTOP_SIZE in msg.encodings:
+                # the first update says the server can resize (the extension's rule)
+                self.size_notes.append((ResizeReason.SERVER, ResizeStatus.OK))
+        elif isinstance(msg, SetDesktopSize):
+            self.size_notes.append((ResizeReason.THIS_CLIENT, self._resize(msg)))
         elif isinstance(msg, FramebufferUpdateRequest):
             self.request = msg
         elif isinstance(msg, KeyEvent):
@@ -209,6 +231,14 @@ class VncSession:
             self.sink.pointer(x, y, msg.buttons)
         elif isinstance(msg, ClientCutText):
             self.sink.cut_text(msg.text)
+
+    def _resize(self, msg: SetDesktopSize) -> int:
+        if Encoding.EXTENDED_DESKTOP_SIZE not in self.encodings:
+            raise RfbError("SetDesktopSize without the ExtendedDesktopSize encoding")
+        if not msg.screens or not (1 <= msg.width <= MAX_DIMENSION
+                                   and 1 <= msg.height <= MAX_DIMENSION):
+            return ResizeStatus.INVALID_LAYOUT
+        return self.resizer(msg.width, msg.height)
 
     # -- output ------------------------------------------------------------------------
     @property
@@ -223,12 +253,19 @@ class VncSession:
             return False
         pseudo: list[bytes] = []
         resized = (frame.width, frame.height) != self.size
-        if resized and Encoding.DESKTOP_SIZE in self.encodings:
+        extended = Encoding.EXTENDED_DESKTOP_SIZE in self.encodings
+        if resized and (extended or Encoding.DESKTOP_SIZE in self.encodings):
             self.size = (frame.width, frame.height)
             self.last = None
-            pseudo.append(desktop_size_rect(*self.size))
+            pseudo.append(extended_desktop_size_rect(ResizeReason.SERVER, ResizeStatus.OK,
+                                                     *self.size) if extended
+                          else desktop_size_rect(*self.size))
         elif resized:
             frame = frame.fitted(*self.size)  # the client cannot resize: crop or pad
+        if extended:  # answers and announcements, with the size the client holds
+            pseudo += [extended_desktop_size_rect(reason, status, *self.size)
+                       for reason, status in self.size_notes]
+        self.size_notes.clear()
         if (cursor is not None and cursor != self.cursor_sent
                 and Encoding.CURSOR in self.encodings):
             pseudo.append(cursor_rect(cursor, self.converter))

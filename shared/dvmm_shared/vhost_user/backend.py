@@ -70,6 +70,11 @@ class BackendHost(Protocol):
     def complete(self, index: int, done: Sequence[tuple[int, int]]) -> None:
         """Publish ``(head, bytes written)`` of chains taken earlier, in this
         order, then signal the call eventfd once if the driver wants it."""
+    def config_changed(self) -> bool:
+        """Tell the frontend the config space changed (BACKEND_CONFIG_CHANGE_MSG
+        on the back-end channel); False when there is no such channel (a
+        backend offers it by adding ProtocolFeature.BACKEND_REQ to
+        ``protocol_features``)."""
 
 
 class VhostUserBackend(ABC):

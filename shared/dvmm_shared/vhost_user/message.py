@@ -79,6 +79,14 @@ class Request(IntEnum):
     GET_STATUS = 40
 
 
+class BackendRequest(IntEnum):
+    """Back-end message types (sent on the SET_BACKEND_REQ_FD channel)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+
+
 class ProtocolFeature(IntEnum):
     """Protocol feature bit numbers."""
 

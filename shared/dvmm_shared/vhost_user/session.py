@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .backend import BackendStats, StartChain, VhostUserBackend
 from .connection import Connection, Message
 from .message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
+    BackendRequest,
     ConfigSpace,
     InflightInfo,
     MemRegion,
@@ -100,6 +102,7 @@ class Session:
         self.stats = stats
         self.faults = faults if faults is not None else Faults()
         self.inflight: InflightRegion | None = None
+        self.backend_channel: Connection | None = None  # SET_BACKEND_REQ_FD
         self.features = 0
         self.protocol_features = 0
         self.mem = GuestMemory()
@@ -135,6 +138,7 @@ class Session:
             Request.SET_CONFIG: self._set_config,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
         backend.attach(self)
 
@@ -479,6 +483,30 @@ class Session:
                      ring.index, resubmitted, queue.last_avail_idx)
             self.stats.queue(ring.index).resubmitted += resubmitted
 
+    # -- the back-end channel (BACKEND_REQ) ----------------------------------
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if not self.protocol_features & 1 << ProtocolFeature.BACKEND_REQ:
+            raise RequestFailed("BACKEND_REQ was not negotiated")
+        fd = msg.take_fd()
+        if fd is None:
+            raise MessageError("SET_BACKEND_REQ_FD without an fd")
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        sock = socket.socket(fileno=fd)
+        sock.settimeout(1.0)  # a frontend that does not read cannot hold the loop
+        self.backend_channel = Connection(sock)
+
+    def config_changed(self) -> bool:
+        channel = self.backend_channel
+        if channel is None:
+            return False
+        try:
+            channel.send(BackendRequest.CONFIG_CHANGE_MSG)
+        except OSError as exc:
+            log.warning("config change not sent to the frontend: %s", exc)
+            return False
+        return True
+
     # -- config -----------------------------------------------------------
     def _get_config(self, msg: Message) -> bytes:
         cfg = ConfigSpace.decode(msg.payload)
@@ -577,6 +605,9 @@ class Session:
         self.mem = GuestMemory()
         self._region_refs.clear()
         self.inflight = None
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
         self.features = self.protocol_features = 0
         self.backend.reset()
 
