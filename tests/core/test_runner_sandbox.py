@@ -26,6 +26,7 @@ from corevm import CoreVM, wait_until
 from dvmm_core.boot.demo import DemoDisk, make_demo_disk, parse_demo_output
 from dvmm_core.boot.reread import make_reread_disk, parse_reread_output
 from dvmm_shared.control import command
+from dvmm_testing.dockerd import docker_images  # noqa: F401 - the fixture
 from test_recovery import count, event_log, events, runtime_dir, status
 
 pytestmark = pytest.mark.core
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.core
 KILLS = 3
 
 
-@pytest.fixture(params=["bwrap"])
+@pytest.fixture(params=["bwrap", "docker"])
 def runner(request: pytest.FixtureRequest) -> Iterator[list[str]]:
     """``dvmm run`` options (and environment) for one runner."""
     if request.param == "docker":
