@@ -57,6 +57,8 @@ COMMANDS = (
     Command("display", "a running VM's display (screenshot)", "dvmm_core.display_cli"),
     Command("config", "VM configuration files (dump the effective one as TOML)",
             "dvmm_core.config_dump"),
+    Command("top", "a live view of a VM and its backends (state, RSS, CPU, I/O)",
+            "dvmm_core.top"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
     Command("docker", "build the backends' container images (--backend-runner docker)",
             "dvmm_core.runners_docker_build"),
