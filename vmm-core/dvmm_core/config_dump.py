@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
     """``dvmm config dump``: the ``dump`` verb takes exactly ``dvmm run``'s options."""
     from . import run
 
-    p = sub.add_parser("config", help="VM configuration files (dvmm run --config)",
+    p = sub.add_parser("config", help="VM configuration files (dump the effective one as TOML)",
                        description="VM configuration files for `dvmm run --config FILE`.")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     run.add_parser(_AsDump(verbs))  # type: ignore[arg-type]

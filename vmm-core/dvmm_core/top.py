@@ -46,7 +46,7 @@ PIPE_WIDTH = 140
 def add_parser(sub: Any) -> None:
     from .control_cli import add_vm_args
 
-    p = sub.add_parser("top", help="a live view of a VM and its backends",
+    p = sub.add_parser("top", help="a live view of a VM and its backends (state, RSS, CPU, I/O)",
                        description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_vm_args(p)
