@@ -34,6 +34,7 @@ from dvmm_shared.vhost_user.daemon import Daemon
 from .device import BlkDevice
 from .disk import Disk, DiskError, FaultyDisk, RawDisk
 from .engine import DEFAULT_THREADS, ENGINES, MAX_THREADS, EngineError, make_engine
+from .formats import FORMATS, ImageError, open_image, probe_file
 
 log = logging.getLogger("dvmm.blk")
 
@@ -62,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-fd", type=int, metavar="N",
                    help="serve the image open as inherited fd N instead of a path (the "
                         "dvmm core opens it: the backend needs no view of the host's files)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="image format: raw, qcow2 (read-write), vmdk, vpc, qed (read-only), "
+                        "or auto (the default: detected from the header; an image no "
+                        "header matches is raw)")
     p.add_argument("--read-only", action="store_true",
                    help="open the image read-only and advertise VIRTIO_BLK_F_RO")
     p.add_argument("--queues", type=int, default=1, metavar="N",
@@ -143,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
             control.close()
         daemon.close()
         raise UsageError(str(exc)) from None
-    log.info("serving %s (%d bytes%s, %d queue%s, %s engine)", args.image, disk.size,
+    log.info("serving %s (%s, %d bytes%s, %d queue%s, %s engine)", args.image,
+             getattr(raw, "format_name", "raw"), disk.size,
              ", read-only" if disk.read_only else "", args.queues,
              "s" if args.queues > 1 else "", args.engine)
     try:
@@ -153,6 +159,23 @@ def run(args: argparse.Namespace) -> int:
             control.close()
     log.info("stopped: %s", device.stats)
     return 0
+
+
+def open_disk(path: str, fmt: str, read_only: bool) -> Disk:
+    """The image as a :class:`Disk`: a raw file directly, any other format
+    through :mod:`dvmm_blk.formats` (a format dvmm only reads is served
+    read-only)."""
+    try:
+        if fmt == "auto":
+            fmt = probe_file(path)
+        if fmt == "raw":
+            return RawDisk(path, read_only=read_only)
+        image = open_image(path, fmt, read_only)
+    except (DiskError, ImageError) as exc:
+        raise UsageError(str(exc)) from None
+    if image.read_only and not read_only:
+        log.warning("%s images are read-only in dvmm: serving %s read-only", fmt, path)
+    return image
 
 
 def serve_commands(endpoint: str, daemon: Daemon, device: BlkDevice) -> CommandServer:
