@@ -89,6 +89,12 @@ class DisplayCommands:
         call_soon(lambda: self.device.set_display_size(width, height))
         return {"width": width, "height": height, "driver": self.device.driver_ready}
 
+    def _gpu_socket(self) -> dict[str, Any]:
+        channel = self.device.gpu_socket
+        if channel is None:
+            return _no_socket()
+        return {"state": channel.state.value, **asdict(channel.stats)}
+
     def stats(self) -> dict[str, Any]:
         """The device part of the ``stats`` reply."""
         host, port = self.server.address
@@ -100,6 +106,7 @@ class DisplayCommands:
                     "restores": self.device.recovery.restores,
                     "resource_bytes": self.device.table.used,
                     "scanout": self.device.table.presented() is not None},
+            "gpu_socket": self._gpu_socket(),
             "vnc": {"host": host, "port": port, "clients": len(self.server.clients),
                     **asdict(self.server.stats)},
             "input": asdict(self.forwarder.stats),
@@ -109,6 +116,10 @@ class DisplayCommands:
             "scanout": {**(asdict(cfg) if cfg else {"addr": 0}),
                         "read_errors": self.scanout.read_errors},
         }
+
+
+def _no_socket() -> dict[str, Any]:
+    return {"state": "none"}
 
 
 def screenshot(source: FrameSource, req: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,11 @@ device's), every request that changes the table is saved there before its
 answer is pushed, and a restarted process restores the table from it when
 its first ring starts.
 
+``VHOST_USER_GPU_SET_SOCKET`` (QEMU's vhost-user-gpu-pci) hands over a
+socket on which :mod:`.gpu_socket` shows the frontend every scanout,
+update and cursor, and learns its preferred display size; dvmm's VNC
+keeps showing the same table.
+
 The connection also brings guest memory (SET_MEM_TABLE), which the ramfb
 scanout reads even when the machine has no virtio-gpu function:
 :meth:`GpuDevice.memory` is the current session's :class:`GuestMemory`.
@@ -25,14 +30,16 @@ scanout reads even when the machine has no virtio-gpu function:
 from __future__ import annotations
 
 import logging
+import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dvmm_shared.chain import ChainReader, ChainWriter
 from dvmm_shared.memory import GuestMemory
 from dvmm_shared.vhost_user.backend import BackendHost, VhostUserBackend
-from dvmm_shared.vhost_user.message import ProtocolFeature
+from dvmm_shared.vhost_user.connection import Message
+from dvmm_shared.vhost_user.message import ProtocolFeature, Request
 from dvmm_shared.virtio import VIRTIO_F_VERSION_1, bit
 from dvmm_shared.virtqueue import DescriptorChain
 
@@ -50,6 +57,7 @@ from .gpu_protocol import (
     GpuError,
     Header,
     MoveCursor,
+    Rect,
     ResourceCreate2D,
     ResourceFlush,
     ResourceUnref,
@@ -63,6 +71,7 @@ from .gpu_protocol import (
     parse_header,
     response,
 )
+from .gpu_socket import GpuSocket, Modes
 from .gpu_state import STATE_SIZE
 from .recovery import Recovery
 from .resources import ResourceTable
@@ -110,6 +119,8 @@ class GpuDevice(VhostUserBackend):
         self.driver_ready = False
         #: Runs a callable on the daemon's loop thread (set by the program).
         self.call_soon: Callable[[Callable[[], None]], None] | None = None
+        #: The frontend's vhost-user-gpu socket (GPU_SET_SOCKET), if any.
+        self.gpu_socket: GpuSocket | None = None
         self._handlers: dict[type, Callable[[Command], Result]] = {
             GetDisplayInfo: self._display_info, GetEdid: self._edid,
             ResourceCreate2D: self._create, ResourceUnref: self._unref,
@@ -155,9 +166,46 @@ class GpuDevice(VhostUserBackend):
         if index == CONTROLQ:
             self.driver_ready = False
 
+    # -- VHOST_USER_GPU_SET_SOCKET (vhost-user-gpu.rst) ----------------------------------
+    def extra_requests(self) -> Mapping[int, Callable[[Message], None]]:
+        return {Request.GPU_SET_SOCKET: self._set_socket}
+
+    def _set_socket(self, msg: Message) -> None:
+        fd = msg.take_fd()
+        if fd is None:
+            raise ValueError("GPU_SET_SOCKET without an fd")
+        self._close_socket()
+        if self._host is None:
+            raise ValueError("GPU_SET_SOCKET before the session")
+        channel = GpuSocket(socket.socket(fileno=fd), self._frontend_modes, self._resync)
+        self.gpu_socket = self.table.observer = channel
+        channel.start(self._host)
+
+    def _frontend_modes(self, modes: Modes) -> None:
+        """The frontend's preferred display: what GET_DISPLAY_INFO reports now."""
+        for scanout, mode in zip(self.table.scanouts, modes, strict=False):
+            if mode is not None:
+                scanout.width, scanout.height = mode
+
+    def _resync(self) -> None:
+        """The socket is ready: show it what is on the scanouts already."""
+        channel = self.gpu_socket
+        if channel is None:
+            return
+        for i, s in enumerate(self.table.scanouts):
+            if s.frame is not None:
+                channel.scanout(i, s.frame.width, s.frame.height)
+                channel.update(i, Rect(0, 0, s.frame.width, s.frame.height), s.frame)
+
+    def _close_socket(self) -> None:
+        if self.gpu_socket is not None:
+            self.gpu_socket.close()
+        self.gpu_socket = self.table.observer = None
+
     def reset(self) -> None:
         """The frontend left or reset the device: nothing of its session stays
         (a frontend that keeps the in-flight memfd gets it back from there)."""
+        self._close_socket()
         self.driver_ready = False
         self.recovery.detach()
         self.table.reset()

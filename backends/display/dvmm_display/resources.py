@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dvmm_shared.memory import GuestMemory, GuestMemoryError
 
@@ -64,6 +65,25 @@ class Scanout:
     frame: Frame | None = None  # what is presented now (None: disabled)
 
 
+class TableObserver(Protocol):
+    """Someone else showing the scanouts too (the vhost-user-gpu frontend,
+    :mod:`.gpu_socket`); called on the vhost-user loop thread."""
+
+    def scanout(self, scanout_id: int, width: int, height: int) -> None: ...
+    def update(self, scanout_id: int, rect: Rect, frame: Frame) -> None: ...
+    def cursor(self, scanout_id: int, x: int, y: int, image: CursorImage | None) -> None: ...
+    def cursor_moved(self, scanout_id: int, x: int, y: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class CursorImage:
+    """A cursor as vhost-user-gpu sends it: 64x64 pixels, bytes B, G, R, A."""
+
+    hot_x: int
+    hot_y: int
+    bgra: bytes
+
+
 def to_xrgb(fmt: Format, src: bytes) -> bytes:
     """Pixels of ``fmt`` as XRGB8888 (bytes B, G, R, X)."""
     b, g, r = BGR_OFFSETS[fmt]
@@ -91,6 +111,7 @@ class ResourceTable:
         self.cursor_resource = 0
         self.cursor_scanout = 0
         self.cursor_hot = (0, 0)
+        self.observer: TableObserver | None = None
 
     # -- lookups ---------------------------------------------------------------------
     def resource(self, resource_id: int) -> Resource:
@@ -134,9 +155,11 @@ class ResourceTable:
 
     def unref(self, resource_id: int) -> None:
         res = self.resource(resource_id)
-        for s in self.scanouts:  # a scanout showing it goes dark, as in QEMU
+        for i, s in enumerate(self.scanouts):  # a scanout showing it goes dark, as in QEMU
             if s.resource_id == resource_id:
                 s.resource_id, s.frame = 0, None
+                if self.observer is not None:
+                    self.observer.scanout(i, 0, 0)
         del self.resources[resource_id]
         self.used -= len(res.pixels)
 
@@ -186,20 +209,37 @@ class ResourceTable:
         s = self.scanout(scanout_id)
         if resource_id == 0:  # disable the scanout (5.7.6.8 SET_SCANOUT)
             s.resource_id, s.frame = 0, None
+            if self.observer is not None:
+                self.observer.scanout(scanout_id, 0, 0)
             return
         res = self.resource(resource_id)
         if not rect.inside(res.width, res.height):
             raise GpuError(Resp.ERR_INVALID_PARAMETER, f"{rect} outside resource {resource_id}")
         s.resource_id, s.rect = resource_id, rect
         self._present(s, res)
+        if self.observer is not None and s.frame is not None:
+            self.observer.scanout(scanout_id, rect.width, rect.height)
+            self.observer.update(scanout_id, Rect(0, 0, rect.width, rect.height), s.frame)
 
     def flush(self, resource_id: int, rect: Rect) -> None:
         res = self.resource(resource_id)
         if not rect.inside(res.width, res.height):
             raise GpuError(Resp.ERR_INVALID_PARAMETER, f"{rect} outside resource {resource_id}")
-        for s in self.scanouts:
+        for i, s in enumerate(self.scanouts):
             if s.resource_id == resource_id:
                 self._present(s, res)
+                self._observe_flush(i, s, rect)
+
+    def _observe_flush(self, scanout_id: int, s: Scanout, rect: Rect) -> None:
+        """The flushed part of what the scanout shows, in scanout coordinates."""
+        if self.observer is None or s.frame is None:
+            return
+        x0, y0 = max(rect.x, s.rect.x), max(rect.y, s.rect.y)
+        x1 = min(rect.x + rect.width, s.rect.x + s.rect.width)
+        y1 = min(rect.y + rect.height, s.rect.y + s.rect.height)
+        if x1 > x0 and y1 > y0:
+            self.observer.update(scanout_id, Rect(x0 - s.rect.x, y0 - s.rect.y, x1 - x0, y1 - y0),
+                                 s.frame)
 
     def _present(self, s: Scanout, res: Resource) -> None:
         r = s.rect
@@ -215,6 +255,8 @@ class ResourceTable:
         self.cursor_pos = (x, y)
         if resource_id == 0:
             self.cursor, self.cursor_resource = None, 0
+            if self.observer is not None:
+                self.observer.cursor(scanout_id, x, y, None)
             return
         res = self.resource(resource_id)
         w, h = min(res.width, CURSOR_SIZE), min(res.height, CURSOR_SIZE)
@@ -230,10 +272,14 @@ class ResourceTable:
         self.cursor = Cursor(w, h, hot_x, hot_y, to_xrgb(res.format, pixels), mask)
         self.cursor_resource, self.cursor_scanout = resource_id, scanout_id
         self.cursor_hot = (hot_x, hot_y)
+        if self.observer is not None:
+            self.observer.cursor(scanout_id, x, y, _cursor_image(res, hot_x, hot_y))
 
     def move_cursor(self, scanout_id: int, x: int, y: int) -> None:
         self.scanout(scanout_id)
         self.cursor_pos = (x, y)
+        if self.observer is not None:
+            self.observer.cursor_moved(scanout_id, x, y)
 
     def _mem(self) -> GuestMemory:
         mem = self._memory()
@@ -248,6 +294,20 @@ class ResourceTable:
         for s in self.scanouts:
             s.resource_id, s.frame = 0, None
         self.cursor, self.cursor_resource = None, 0
+
+
+def _cursor_image(res: Resource, hot_x: int, hot_y: int) -> CursorImage:
+    """The resource's top-left 64x64 pixels as B, G, R, A (PIXMAN_a8r8g8b8)."""
+    w, h = min(res.width, CURSOR_SIZE), min(res.height, CURSOR_SIZE)
+    rows = []
+    for y in range(h):
+        raw = bytes(res.pixels[y * res.stride:y * res.stride + w * 4])
+        bgra = bytearray(to_xrgb(res.format, raw))
+        bgra[3::4] = (b"\xff" * w if res.format in OPAQUE_FORMATS
+                      else raw[_alpha_offset(res.format)::4])
+        rows.append(bytes(bgra).ljust(CURSOR_SIZE * 4, b"\0"))
+    rows += [bytes(CURSOR_SIZE * 4)] * (CURSOR_SIZE - h)
+    return CursorImage(hot_x, hot_y, b"".join(rows))
 
 
 def _alpha_offset(fmt: Format) -> int:

@@ -19,11 +19,14 @@ it must have completed every chain of a ring when ``queue_stopped`` returns
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..virtqueue import DescriptorChain, SplitQueue
+
+if TYPE_CHECKING:
+    from .connection import Message
 
 
 @dataclass
@@ -114,6 +117,13 @@ class VhostUserBackend(ABC):
         ``fresh``: a new region (GET_INFLIGHT_FD), or one handed back on
         which no ring has run since the frontend cleared it (a new driver
         session); otherwise what the previous process left there."""
+
+    def extra_requests(self) -> Mapping[int, Callable[[Message], None]]:
+        """Device-specific front-end requests this backend serves (e.g.
+        GPU_SET_SOCKET), by request number; each handler takes the fds it
+        keeps (``msg.take_fd()``) and raises an exception the session
+        reports as a failed request (OSError, ValueError)."""
+        return {}
 
     def get_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the device config space from ``offset`` (zero padded)."""

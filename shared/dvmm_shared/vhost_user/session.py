@@ -140,6 +140,8 @@ class Session:
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
+        for request, handler in backend.extra_requests().items():
+            self._handlers.setdefault(request, handler)
         backend.attach(self)
 
     # -- message dispatch -------------------------------------------------
@@ -166,7 +168,7 @@ class Session:
             answer = handler(msg)
             ok = True
         except (MessageError, RequestFailed, GuestMemoryError, QueueError, InflightError,
-                OSError) as exc:
+                OSError, ValueError) as exc:
             self.stats.protocol_errors += 1
             log.warning("%s failed: %s", name, exc)
             answer, ok = self._FAILED_ANSWER.get(req), False
