@@ -59,6 +59,7 @@ COMMANDS = (
             "dvmm_core.config_dump"),
     Command("top", "a live view of a VM and its backends (state, RSS, CPU, I/O)",
             "dvmm_core.top"),
+    Command("img", "create, inspect, check and convert disk images", "dvmm_blk.img_cli"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
     Command("docker", "build the backends' container images (--backend-runner docker)",
             "dvmm_core.runners_docker_build"),

@@ -251,6 +251,12 @@ class BlockImage:
             self.backing = None
         self.file.close()
 
+    def __enter__(self) -> BlockImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def chain(self) -> list[BlockImage]:
         """This image and its backing images, top first."""
         out: list[BlockImage] = []

@@ -32,6 +32,7 @@ class Snapshot:
     vm_clock_nsec: int
     vm_state_size: int
     disk_size: int | None  # None: not recorded (version 2 entries), the image's
+    icount: int | None = None  # instructions executed (record/replay), if recorded
 
 
 def read_snapshots(file: ImageFile, h: Qcow2Header) -> list[Snapshot]:
@@ -52,12 +53,15 @@ def read_snapshots(file: ImageFile, h: Qcow2Header) -> list[Snapshot]:
             vm_state = struct.unpack_from(">Q", extra)[0]
         if extra_len >= 16:
             disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        icount = struct.unpack_from(">Q", extra, 16)[0] if extra_len >= 24 else None
+        if icount == (1 << 64) - 1:
+            icount = None
         names = file.read(pos + ENTRY.size + extra_len, id_len + name_len,
                           f"qcow2 snapshot {i} name")
         _check_l1(file, h, i, l1_off, l1_size)
         out.append(Snapshot(i, names[:id_len].decode("utf-8", "replace"),
                             names[id_len:].decode("utf-8", "replace"), l1_off, l1_size,
-                            sec, nsec, clock, vm_state, disk_size))
+                            sec, nsec, clock, vm_state, disk_size, icount))
         length = ENTRY.size + extra_len + id_len + name_len
         pos += length + (-length % 8)
     return out

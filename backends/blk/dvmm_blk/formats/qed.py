@@ -72,7 +72,7 @@ class QedImage(BlockImage):
         if table is None:
             table = self._table(l1e, "L2 table")
             self.cache.put(l1e, table)
-        return table[cluster % self.entries]
+        return int(table[cluster % self.entries])
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         cs = self.cluster_size

@@ -108,7 +108,7 @@ class VmdkImage(BlockImage):
             raw = self.file.read(sector * SECTOR, 4 * self.gtes, "VMDK grain table")
             table = list(struct.unpack(f"<{self.gtes}I", raw))
             self.cache.put(sector, table)
-        return table[i]
+        return int(table[i])
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         gs = self.grain
