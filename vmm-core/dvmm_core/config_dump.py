@@ -85,7 +85,7 @@ def structure(args: argparse.Namespace) -> dict[str, Any]:
                      "runner": str_or_none(getattr(args, "backend_runner", None)),
                      "standby": args.standby},
         "serial": {"output": args.serial, "firmware-log": args.firmware_log,
-                   "escape-char": getattr(args, "escape_char", None)},
+                   "escape-char": _escape(getattr(args, "escape_char", None))},
         "qmp": {"listen": [_absolute(a) for a in args.qmp]},
         "disk": [_disk(d) for d in args.disk] + [{"socket": s} for s in args.vhost_user_blk],
         "net": [{k: int(v) if k == "queues" else v for k, v in _opts(n)} for n in args.net],
@@ -93,6 +93,12 @@ def structure(args: argparse.Namespace) -> dict[str, Any]:
     if args.display:
         doc["display"] = dict(_opts(args.display))
     return doc
+
+
+def _escape(code: int | None) -> str | None:
+    from .console import key_name
+
+    return None if code is None else key_name(code).lower()
 
 
 def _absolute(address: str) -> str:

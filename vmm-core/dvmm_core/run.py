@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from dvmm_shared.cli import UsageError, add_logging_args, one_line, setup_loggin
 
 from .config_file import apply as apply_config
 from .config_file import mark_defaults
+from .console import Console, parse_escape_char
 from .kvm.ioctls import KvmError
 from .machine.pc import DiskSpec, Machine, MachineConfig, MachineError, NetSpec
 from .qmp.options import add_arguments as add_management_args
@@ -41,7 +41,6 @@ log = logging.getLogger("dvmm.run")
 
 SEABIOS = "/usr/share/seabios/bios.bin"
 MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-CTRL_A = 0x01
 
 DESCRIPTION = """\
 Run a virtual machine.  The core owns /dev/kvm, the vCPUs and guest RAM; each
@@ -77,7 +76,9 @@ sandbox per backend (own namespaces, read-only system, only its socket
 directory); docker runs each in a container of the dvmm-blk / dvmm-net image
 (`dvmm docker build`).  The display process always runs as a plain process.
 
-On a terminal the serial console is raw: press Ctrl-A then x to quit.
+On a terminal the serial console is raw: Ctrl-A x quits, Ctrl-A h lists the
+keys, Ctrl-A c switches to a monitor prompt (info status, stop, cont,
+system_reset, quit, ...) and back; Ctrl-A Ctrl-A sends Ctrl-A.
 """
 
 
@@ -131,6 +132,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "start a new interpreter: ~200 ms slower, one process fewer)")
     p.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none",
                    help="where COM1 goes (default stdio)")
+    p.add_argument("--escape-char", default="ctrl-a", type=_escape, metavar="ctrl-X|CODE",
+                   help="the console's escape key (default ctrl-a; QEMU's -echr): then x "
+                        "quits, h helps, c switches to the monitor")
     p.add_argument("--kvm", default="/dev/kvm", metavar="PATH",
                    help="the KVM device (default /dev/kvm)")
     p.add_argument("--firmware-log", metavar="FILE",
@@ -168,6 +172,13 @@ def _option_runner(flag: str, text: str, opt: str) -> str:
         return RunnerKind.parse(opt.partition("=")[2]).value
     except ValueError as exc:
         raise UsageError(f"{flag} {text}: {exc}") from None
+
+
+def _escape(text: str) -> int:
+    try:
+        return parse_escape_char(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _limit(text: str) -> tuple[int, float]:
@@ -352,43 +363,6 @@ def log_sink(path: str | None) -> Callable[[bytes], None] | None:
     return lambda data: _write_all(fd, data)
 
 
-class Console:
-    """stdin -> COM1, with Ctrl-A x to quit when stdin is a terminal."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self._saved: list[object] | None = None
-        if os.isatty(0):
-            import termios
-            import tty
-
-            self._saved = termios.tcgetattr(0)
-            tty.setraw(0)
-        threading.Thread(target=self._loop, name="console", daemon=True).start()
-
-    def _loop(self) -> None:
-        escape = False
-        while True:
-            try:
-                data = os.read(0, 1024)
-            except OSError:
-                return
-            if not data:
-                return
-            if self._saved is not None:
-                if escape and data[:1] == b"x":
-                    self.machine.request_stop("Ctrl-A x")
-                    return
-                escape = data[-1:] == bytes([CTRL_A])
-            self.machine.serial.feed(data)
-
-    def close(self) -> None:
-        if self._saved is not None:
-            import termios
-
-            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
-
-
 #: How long a Python thread may hold the GIL while another waits for it (CPython's
 #: default is 5 ms).  A vCPU thread returning from KVM_RUN needs the GIL to serve
 #: the exit; while the main thread works (opening the control plane right after
@@ -403,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     cfg = build_config(args)
     sink, close_sink = serial_sink(args.serial)
-    cfg.serial_sink = sink
+    console = Console(args.escape_char) if args.serial == "stdio" else None
+    cfg.serial_sink = sink if console is None else console.write
     cfg.firmware_log = log_sink(args.firmware_log)
     from .qmp.address import parse_address
     from .qmp.manager import Management
@@ -418,8 +393,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError:
         machine.shutdown("error")
         raise
-    console = Console(machine) if args.serial == "stdio" else None
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    if console is not None:
+        console.attach(machine, mgmt.hmp)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, f: machine.request_stop(signal.Signals(s).name))
     why = "error"
     try:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .address import QmpAddress, bind, unlink
 from .commands import build_table
+from .hmp import Hmp
 from .options import NIL_UUID
 from .server import QmpServer
 from .session import CommandTable, QmpSession
@@ -68,6 +69,7 @@ class Management:
         self.addresses = list(addresses)
         self.vm = MachineVm(machine, name, uuid or NIL_UUID, emit=self.emit)
         self.table: CommandTable = build_table(self.vm)
+        self.hmp = Hmp(self.vm)  # the console's monitor prompt
         self.server: QmpServer | None = None
 
     def start(self) -> None:
