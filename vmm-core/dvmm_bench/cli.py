@@ -18,13 +18,13 @@ from .report import plot_problem
 
 
 def add_parser(sub: Any) -> None:
-    from . import blk, core, net, recovery, report, startup
+    from . import blk, core, display, net, recovery, report, startup
 
     bench = sub.add_parser("bench", help="benchmarks against peers (ratios, not tests)",
                            description="Benchmarks that run dvmm and a peer in the same "
                            "invocation and print the ratio.")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for module in (startup, blk, core, net, recovery, report):
+    for module in (startup, blk, core, net, recovery, display, report):
         module.add_parser(benches)
     bench.set_defaults(wrap=bench_errors)
 
