@@ -106,7 +106,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                            "[,runner=R]",
                    help="a virtio-net NIC served by a dvmm net backend on a TAP device or "
                         "a VM-to-VM peer link, or by an external vhost-user-net socket")
-    p.add_argument("--display", metavar="vnc=HOST:PORT[,password-file=F][,gpu=virtio]",
+    p.add_argument("--display",
+                   metavar="vnc=HOST:PORT[,password-file=F][,gpu=virtio][,input=virtio]",
                    help="a display process serving the screen (ramfb) over VNC; VNC "
                         "keyboard and mouse reach the guest as PS/2 devices; gpu=virtio "
                         "adds a virtio-gpu-pci function served by the same process")
@@ -242,10 +243,10 @@ def parse_net(text: str) -> NetSpec:
 
 
 def parse_display(text: str) -> DisplaySpec:
-    """``vnc=HOST:PORT[,password-file=F][,gpu=virtio]``."""
+    """``vnc=HOST:PORT[,password-file=F][,gpu=virtio][,input=virtio]``."""
     from .machine.display import DisplaySpec
 
-    vnc, password, gpu = None, None, None
+    vnc, password, gpu, input_ = None, None, None, None
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if key == "vnc" and sep and value:
@@ -261,12 +262,17 @@ def parse_display(text: str) -> DisplaySpec:
             if value != "virtio":
                 raise UsageError(f"--display {text}: gpu= must be virtio, got {value!r}")
             gpu = value
+        elif key == "input" and sep:
+            if value != "virtio":
+                raise UsageError(f"--display {text}: input= must be virtio, got {value!r}")
+            input_ = value
         else:
             raise UsageError(f"--display {text}: bad option {item!r} "
-                             "(known: vnc=HOST:PORT, password-file=F, gpu=virtio)")
+                             "(known: vnc=HOST:PORT, password-file=F, gpu=virtio, "
+                             "input=virtio)")
     if vnc is None:
         raise UsageError(f"--display {text}: give vnc=HOST:PORT")
-    return DisplaySpec(vnc, password, gpu)
+    return DisplaySpec(vnc, password, gpu, input_)
 
 
 def build_config(args: argparse.Namespace) -> MachineConfig:

@@ -23,13 +23,18 @@ Owns the core's side of ``dvmm run --display vnc=HOST:PORT``
   display shows the same screen without the guest doing anything.
 
 Key and pointer events travel the other way, display -> core
-``input`` command -> ``i8042``; this module does not see them.
+``input`` command -> ``i8042``; this module does not see them.  With
+``input=virtio`` the display process also serves a virtio keyboard and
+tablet (vhost-user-input, sockets of their own: :func:`input_sockets`),
+which the machine plugs as virtio-input-pci functions (1af4:1052); VNC
+input goes there once a guest driver runs them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,21 +54,33 @@ DISPLAY_MODULE = "dvmm_display"
 SOCKET_WAIT = 15.0   # the display process imports more than a disk backend
 SEND_RETRY = 0.2     # a control command the display could not take yet
 SEND_TIMEOUT = 2.0
+INPUT_CONFIG_SIZE = 136  # struct virtio_input_config (virtio 1.2 5.8.4)
 
 
 @dataclass(frozen=True)
 class DisplaySpec:
-    """``--display vnc=HOST:PORT[,password-file=F][,gpu=virtio]``."""
+    """``--display vnc=HOST:PORT[,password-file=F][,gpu=virtio][,input=virtio]``."""
 
     vnc: str
     password_file: str | None = None
     gpu: str | None = None  # "virtio": a virtio-gpu-pci function served by the display
+    input: str | None = None  # "virtio": virtio-input keyboard + tablet functions too
 
-    def backend_args(self, core_control: str) -> list[str]:
+    def backend_args(self, core_control: str, inputs: dict[str, str] | None = None
+                     ) -> list[str]:
         args = ["--vnc", self.vnc, "--core-control", core_control]
         if self.password_file is not None:
             args += ["--password-file", self.password_file]
+        if inputs:
+            args += ["--input-socket", inputs["keyboard"], "--tablet-socket", inputs["tablet"]]
         return args
+
+
+def input_sockets(socket_path: Callable[[str], str]) -> dict[str, str]:
+    """Device name -> socket of the display process's virtio-input devices
+    (``socket_path``: the supervisor's, a name to a path in the runtime dir)."""
+    return {"keyboard": socket_path(f"{DISPLAY_NAME}-kbd"),
+            "tablet": socket_path(f"{DISPLAY_NAME}-tablet")}
 
 
 class DisplayHost(Protocol):

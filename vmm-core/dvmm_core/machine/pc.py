@@ -336,14 +336,21 @@ class Machine:
         display guest RAM (``display``)."""
         from dvmm_shared.virtio import VirtioDeviceId
 
-        from .display import DISPLAY_MODULE, DISPLAY_NAME, DisplayLink
+        from .display import (
+            DISPLAY_MODULE,
+            DISPLAY_NAME,
+            INPUT_CONFIG_SIZE,
+            DisplayLink,
+            input_sockets,
+        )
         from .ramfb import VGABIOS_RAMFB, Ramfb, load_vga_rom
 
         try:
             rom = load_vga_rom()
         except (OSError, ValueError) as exc:
             raise MachineError(f"--display needs {VGABIOS_RAMFB}: {exc}") from None
-        args = spec.backend_args(self.supervisor.control_endpoint("core"))
+        inputs = input_sockets(self.supervisor.socket_path) if spec.input == "virtio" else {}
+        args = spec.backend_args(self.supervisor.control_endpoint("core"), inputs)
         backend = self.supervisor.spawn_python(DISPLAY_NAME, DISPLAY_MODULE,
                                                [*args, *self.cfg.backend_args],
                                                restart=self.cfg.restart, control=True,
@@ -353,6 +360,9 @@ class Machine:
             device = VhostDevice(self, DISPLAY_NAME, VirtioDeviceId.GPU, GPU_CONFIG_SIZE,
                                  backend=backend)
             self._plug(device)
+        for kind, path in inputs.items():  # virtio-input-pci (1af4:1052), same process
+            self._plug(VhostDevice(self, f"{DISPLAY_NAME}-{kind}", VirtioDeviceId.INPUT,
+                                   INPUT_CONFIG_SIZE, backend=backend, backend_socket=path))
         self.display = DisplayLink(self, backend, device=device)
         self.ramfb = Ramfb(self.ram.mem, self.display.show)
         self.ramfb.attach(self.fw_cfg, rom)

@@ -88,9 +88,13 @@ class VhostDevice:
     and the PCI function, built on a connector thread (see the module doc)."""
 
     def __init__(self, host: DeviceHost, name: str, device_type: int, config_size: int,
-                 *, socket: str | None = None, backend: Backend | None = None) -> None:
+                 *, socket: str | None = None, backend: Backend | None = None,
+                 backend_socket: str | None = None) -> None:
         if (socket is None) == (backend is None):
             raise ValueError("a device has either an external socket or a backend")
+        #: One of the backend's other sockets (a process serving several
+        #: devices: the display's virtio-input), bound before its main one.
+        self.backend_socket = backend_socket
         self.host = host
         self.name = name
         self.device_type = device_type
@@ -147,7 +151,7 @@ class VhostDevice:
         if self.backend is not None:
             host.supervisor.wait_for_socket(self.backend, SOCKET_WAIT,
                                             cancelled=lambda: self._done.is_set())
-            path, wait = self.backend.socket, 10.0
+            path, wait = self.backend_socket or self.backend.socket, 10.0
         assert path is not None
         link = VhostUserLink(self.name, path, host.ram_regions(),
                              config_size=self.config_size, mem=host.guest_memory(),
