@@ -110,10 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.io_threads <= MAX_THREADS:
         raise UsageError(f"--io-threads must be 1..{MAX_THREADS}, not {args.io_threads}")
     setup_logging("dvmm-blk", args.verbose, args.quiet)
-    try:
-        raw = RawDisk(args.image, read_only=args.read_only)
-    except DiskError as exc:
-        raise UsageError(str(exc)) from None
+    raw = open_disk(args.image, args.format, args.read_only)
     try:
         sandbox.drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
     except sandbox.SandboxError as exc:

@@ -110,7 +110,7 @@ def _open_backing(img: BlockImage, seen: tuple[str, ...], lock: bool) -> None:
     name = img.backing_name
     if not name:
         return
-    base = os.path.dirname(img.path)
+    base = os.path.dirname(os.path.realpath(img.path))  # also for /proc/self/fd/N
     path = name if os.path.isabs(name) else os.path.join(base, name)
     fmt = img.backing_format or "auto"
     if fmt not in FORMATS:
