@@ -53,6 +53,7 @@ log = logging.getLogger("dvmm.seccomp")
 
 DEBIAN_DIST = "/usr/lib/python3/dist-packages"
 CLONE_THREAD = 0x00010000
+SCHED_OTHER = 0
 
 #: What every backend uses after start-up: the Python runtime, threads,
 #: ZeroMQ's ipc endpoints, the vhost-user socket with fd passing, eventfds,
@@ -163,6 +164,9 @@ def build(policy: str, sc: ModuleType | None = None) -> object:
     for family in families:
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, family))
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+    # libzmq sets each I/O thread it starts to SCHED_OTHER (its default
+    # policy); a real-time policy stays refused.
+    f.add_rule(sc.ALLOW, "sched_setscheduler", sc.Arg(1, sc.EQ, SCHED_OTHER))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     me = os.getpid()
     f.add_rule(sc.ALLOW, "kill", sc.Arg(0, sc.EQ, me))
