@@ -198,14 +198,16 @@ class Vm:
         return total
 
     def display_cpu(self) -> float:
+        """dvmm's display processes (the serving one and an idle warm standby)."""
+        total = 0.0
         for p in self.processes():
             try:
                 if "dvmm_display" in " ".join(p.cmdline()):
                     t = p.cpu_times()
-                    return float(t.user + t.system)
+                    total += t.user + t.system
             except psutil.Error:
                 continue
-        return 0.0
+        return total
 
 
 def wait_drawn(vm: Vm) -> None:
