@@ -27,6 +27,7 @@ from dvmm_core.boot.demo import DemoDisk, make_demo_disk, parse_demo_output
 from dvmm_core.boot.reread import make_reread_disk, parse_reread_output
 from dvmm_shared.control import command
 from dvmm_testing.dockerd import docker_images  # noqa: F401 - the fixture
+from test_firmware_ipxe import MAC, NetnsCoreVM, netns  # noqa: F401 - netns: the fixture
 from test_recovery import count, event_log, events, runtime_dir, status
 
 pytestmark = pytest.mark.core
@@ -162,3 +163,22 @@ def test_hostile_sandboxed_backend_is_refused_and_vm_runs_on(tmp_path: Path,
     assert exits == ["killed by SIGSYS", "killed by SIGSYS"], exits
     err = vm.stderr()
     assert err.count("test hook: hostile") >= 7 and "was NOT refused" not in err, err[-3000:]
+
+
+def test_ipxe_initialises_sandboxed_net(tmp_path: Path, runner: list[str],
+                                        request: pytest.FixtureRequest) -> None:
+    """SeaBIOS runs iPXE's ROM on the virtio-net function whose backend is
+    confined; the core attached the TAP and handed the backend its fd."""
+    ns, tap, _ = request.getfixturevalue("netns")  # (test_firmware_ipxe's namespace + TAP)
+    vm = NetnsCoreVM(tmp_path, ["--memory", "128", "--net", f"tap={tap},mac={MAC}", *runner])
+    vm.ns = ns
+    with vm:
+        text = vm.wait_serial("iPXE initialising devices...ok", timeout=120)
+        assert "iPXE (http://ipxe.org) 00:02.0" in text
+        runtime = runtime_dir(vm)
+        info = backend(runtime, "net0")
+        assert info["runner"] == runner[1] and info["state"] == "running"
+        assert_confined(int(info["pid"]))
+        # No /dev/net/tun in its sandbox: the TAP arrived as an fd.
+        assert not os.path.exists(f"/proc/{info['pid']}/root/dev/net/tun")
+        assert vm.stop() == 0
