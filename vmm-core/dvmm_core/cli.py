@@ -61,7 +61,7 @@ COMMANDS = (
             "dvmm_core.top"),
     Command("img", "create, inspect, check and convert disk images", "dvmm_blk.img_cli"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
-    Command("docker", "build the backends' container images (--backend-runner docker)",
+    Command("docker", "build the backends' container images",
             "dvmm_core.runners_docker_build"),
 )
 
