@@ -13,7 +13,7 @@ PACKAGES=(
   busybox-static cpio kmod e2fsprogs binutils gcc libc6-dev
   iproute2 dnsmasq-base socat
   dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23
-  bubblewrap docker.io debootstrap python3-seccomp
+  bubblewrap docker.io docker-compose debootstrap python3-seccomp
 )
 
 if [ "${DVMM_SKIP_APT:-0}" != 1 ]; then

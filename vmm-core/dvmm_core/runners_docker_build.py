@@ -1,7 +1,7 @@
 """``dvmm docker build``: the backends' container images, built offline.
 
 Owns the images the Docker runner (:mod:`.runners_docker`) starts: one per
-device model (``dvmm-blk``, ``dvmm-net``), each ``FROM`` a base image, from
+device model (``dvmm-blk``, ``dvmm-net``, ``dvmm-display``), each ``FROM`` a base image, from
 the Dockerfiles under ``docker/``.
 
 No registry is reachable on the machines this project is built on, so the
@@ -48,7 +48,7 @@ PACKAGES = ("python3", "python3-zmq", "python3-msgpack", "python3-psutil", "pyth
 #: What the base does not need at run time (its size, and its import time).
 STRIP = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
          "usr/share/locale", "usr/share/info")
-BACKENDS = {"blk": "dvmm_blk", "net": "dvmm_net"}
+BACKENDS = {"blk": "dvmm_blk", "net": "dvmm_net", "display": "dvmm_display"}
 
 
 def cache_dir() -> Path:
@@ -142,8 +142,12 @@ def build_backend(kind: str, base: str) -> str:
         else:
             compileall.compile_dir(str(ctx), quiet=1)
             env = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the classic builder: no buildx
-            subprocess.run(["docker", "build", "-q", "--build-arg", f"BASE={base}",
-                            "-t", tag, str(ctx)], check=True, env=env, stdout=subprocess.DEVNULL)
+            out = subprocess.run(["docker", "build", "-q", "--build-arg", f"BASE={base}",
+                                  "-t", tag, str(ctx)], env=env, capture_output=True,
+                                 text=True, check=False)
+            if out.returncode != 0:  # (its output otherwise: the legacy builder's notice)
+                raise UsageError(f"docker build of dvmm-{kind} failed: "
+                                 + " ".join(out.stderr.strip().splitlines()[-2:]))
             log.info("built %s", tag)
         docker("tag", tag, f"dvmm-{kind}:latest", capture=True)
         return tag
@@ -167,9 +171,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Container images for the dvmm backends (dvmm run "
                                    "--backend-runner docker uses them).")
     cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    b = cmds.add_parser("build", help="build dvmm-blk and dvmm-net (offline: the base "
-                                      "comes from debootstrap, cached)")
-    b.add_argument("kinds", nargs="*", metavar="KIND", help="blk, net (default: both)")
+    b = cmds.add_parser("build", help="build dvmm-blk, dvmm-net and dvmm-display (offline: "
+                                      "the base comes from debootstrap, cached)")
+    b.add_argument("kinds", nargs="*", metavar="KIND", help="blk, net, display (default: all)")
     b.add_argument("--base", metavar="IMAGE",
                    help="build FROM this image instead of the debootstrap base")
     b.add_argument("--mirror", default=MIRROR, help=f"Debian mirror (default {MIRROR})")
