@@ -19,7 +19,13 @@ would not).
 
 The supervisor watches the attached ``docker run`` client, which exits
 with the container's status (``128 + n`` for signal n, as ``docker kill``
-gives); the backend's host pid comes from ``docker inspect``.  Every start
+gives).  The container's init is Docker's ``--init`` (tini), not the
+backend: a namespace's pid 1 cannot be killed by signals it sends itself,
+and the fault hooks and crash points end a backend with ``kill(getpid(),
+SIGKILL)``; nor would it die of a SIGTERM that arrives before its handler
+is installed.  The backend is the init's only child; its host pid comes
+from ``docker inspect`` (the init's) and psutil, and signals go to it
+directly, as under bubblewrap.  Every start
 is a new container with a new name (``dvmm-<runtime>-<backend>-<n>``), so
 a restart never waits for ``--rm`` to remove the dead one.  No warm
 standby: the activation pipe cannot reach a container.
@@ -36,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .runners import Child, Preexec, Runner, RunnerError, RunnerKind, popen
-from .runners_bwrap import SandboxedChild
+from .runners_bwrap import SandboxedChild, _only_child
 
 if TYPE_CHECKING:
     from dvmm_shared.sandbox_fds import FdOffer
@@ -95,7 +101,7 @@ class DockerRunner(Runner):
         return [self.docker, "run", "--rm", "--name", container, "--label",
                 f"{LABEL}={self.prefix}", "--network", "none", "--read-only",
                 "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-                "--tmpfs", "/tmp", "--pids-limit", str(PIDS_LIMIT),
+                "--tmpfs", "/tmp", "--pids-limit", str(PIDS_LIMIT), "--init",
                 "--volume", f"{self.workdir}:{self.workdir}"]
 
     def launch(self, argv: list[str], pass_fds: tuple[int, ...], preexec: Preexec) -> Child:
@@ -104,10 +110,10 @@ class DockerRunner(Runner):
         entry, *rest = argv
         proc = popen([*self.run_args(container), "--entrypoint", entry, self.image or "",
                       *rest], (), preexec)
-        return SandboxedChild(proc, self._host_pid(container, proc))
+        return SandboxedChild(proc, _only_child(self._host_pid(container, proc), proc))
 
     def _host_pid(self, container: str, proc: subprocess.Popen[bytes]) -> int:
-        """The container's process as the host sees it, once it runs."""
+        """The container's init as the host sees it, once it runs."""
         assert self.docker is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
