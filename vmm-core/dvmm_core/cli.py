@@ -61,6 +61,8 @@ COMMANDS = (
             "dvmm_core.top"),
     Command("img", "create, inspect, check and convert disk images", "dvmm_blk.img_cli"),
     Command("bench", "benchmarks against peers (ratios, not tests)", "dvmm_bench.cli"),
+    Command("chaos", "fault-injection campaigns with integrity oracles (run, replay, list)",
+            "dvmm_core.chaos.cli"),
     Command("docker", "build the backends' container images",
             "dvmm_core.runners_docker_build"),
 )

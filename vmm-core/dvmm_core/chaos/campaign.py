@@ -1,0 +1,147 @@
+"""Running a campaign: the schedule against one VM, the invariants after each fault.
+
+Owns the loop (wait for the planned time, inject, wait for recovery,
+check) and the verdict of each injection.  Recovery is the first guest
+request completed after the fault was lifted (``used_idx`` in the core's
+in-flight region moves) — and, for the faults that lose the backend's
+connection, after the core published ``device-restored``.  Invariants,
+after every injection:
+
+* ``vm_alive`` — the core process runs;
+* ``oracle`` — the guest program reports no read that differs from its
+  first one (no acknowledged data altered) and is still running;
+* ``errors_allowed`` — a guest read error appeared only for a fault whose
+  model lets it surface (EIO), and at most as many as were armed;
+* ``recovery_bound`` — recovered within the scenario's bound;
+* ``rss_bounded`` — the core's and the backend's RSS under the bound.
+
+Outcome: ``failed`` if any invariant broke, else ``surfaced`` if the guest
+saw the error, else ``recovered``.  At the end the image's data region must
+equal what was written (``final`` checks in the report).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .faults import inject
+from .scenario import FAULTS, Scenario
+from .schedule import Planned, for_scenario
+from .vm import ChaosVm, VmError
+from .workload import GuestView, data_digest
+
+RECOVERY_TIMEOUT = 60.0   # no recovery this long: the injection failed, the campaign stops
+
+
+@dataclass
+class Injection:
+    planned: Planned
+    started: float = 0.0                 # seconds after the campaign's start
+    outcome: str = "failed"
+    recovery_ms: float | None = None
+    invariants: dict[str, bool] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.planned.to_dict(), "started": round(self.started, 3),
+                "outcome": self.outcome, "recovery_ms": self.recovery_ms,
+                "invariants": self.invariants, "note": self.note}
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    injections: list[Injection]
+    final: dict[str, bool]
+    wall_s: float
+    stopped_early: str | None = None
+
+
+def _recover(vm: ChaosVm, lifted: float, wants_restore: bool) -> float | None:
+    """Seconds from ``lifted`` to the first completion after it (None: timed out)."""
+    wall_lifted = time.time() - (time.monotonic() - lifted)
+    base = vm.used()
+    restored = not wants_restore
+    changed: float | None = None
+    deadline = lifted + RECOVERY_TIMEOUT
+    while time.monotonic() < deadline:
+        for ev in vm.poll_events():
+            if ev.get("event") == "backend-exited":
+                base, changed = vm.used(), None   # what a dying backend finished does not count
+            if ev.get("event") == "device-restored" and float(ev.get("ts", 0)) >= wall_lifted:
+                restored = True
+        if changed is None and vm.used() != base:
+            changed = time.monotonic()
+        if changed is not None and restored:
+            return changed - lifted
+        vm.check()
+        time.sleep(0.0005 if changed is None else 0.005)
+    return None
+
+
+def _judge(inj: Injection, sc: Scenario, vm: ChaosVm, before: GuestView,
+           recovered: float | None) -> None:
+    after = vm.serial.view()
+    allowed = FAULTS[inj.planned.fault].surfaces
+    new_errors = after.read_errors - before.read_errors
+    rss = vm.rss_mb()
+    inj.recovery_ms = None if recovered is None else round(recovered * 1000, 1)
+    inj.invariants = {
+        "vm_alive": vm.alive(),
+        "oracle": after.mismatches == 0 and after.stopped is None,
+        "errors_allowed": new_errors == 0 or (allowed and new_errors <= int(
+            inj.planned.arg.get("count", 1))),
+        "recovery_bound": recovered is not None and recovered * 1000 <= sc.recovery_bound_ms,
+        "rss_bounded": bool(rss) and max(rss.values()) <= sc.rss_bound_mb,
+    }
+    if not all(inj.invariants.values()):
+        inj.outcome = "failed"
+    else:
+        inj.outcome = "surfaced" if new_errors else "recovered"
+    inj.note = " ".join(filter(None, [inj.note, f"rss {rss}"]))
+
+
+def run_one(vm: ChaosVm, sc: Scenario, p: Planned, t0: float) -> Injection:
+    inj = Injection(p, started=time.monotonic() - t0)
+    before = vm.serial.view()
+    vm.poll_events()
+    try:
+        applied = inject(vm, p)
+        inj.note = applied.note
+        recovered = _recover(vm, applied.lifted, FAULTS[p.fault].restores)
+    except VmError as exc:
+        inj.note, recovered = str(exc).splitlines()[0], None
+    _judge(inj, sc, vm, before, recovered)
+    return inj
+
+
+def run(sc: Scenario, work: Path, progress: Callable[[str], None]) -> Result:
+    """The whole campaign in ``work`` (the VM's files); stops at a dead VM."""
+    schedule = for_scenario(sc)
+    injections: list[Injection] = []
+    stopped = None
+    start = time.monotonic()
+    with ChaosVm(work, sc.seed) as vm:
+        progress(f"VM up after {time.monotonic() - start:.1f} s; {len(schedule)} injections "
+                 f"over {sc.duration:g} s")
+        t0 = time.monotonic()
+        for p in schedule:
+            while (left := t0 + p.time - time.monotonic()) > 0:
+                vm.check()
+                time.sleep(min(left, 0.05))
+            inj = run_one(vm, sc, p, t0)
+            injections.append(inj)
+            progress(f"#{p.index} t={p.time:.1f}s {p.fault} {p.arg or ''} -> {inj.outcome} "
+                     f"({inj.recovery_ms} ms)")
+            if not vm.alive() or inj.recovery_ms is None:
+                stopped = f"stopped after injection {p.index}: {inj.note or inj.outcome}"
+                break
+        view = vm.serial.view()
+        final = {"vm_alive": vm.alive(), "oracle": view.mismatches == 0 and view.stopped is None,
+                 "guest_progress": view.progress > 0}
+    final["image_unchanged"] = data_digest(vm.disk) == vm.digest
+    return Result(sc, injections, final, time.monotonic() - start, stopped)
