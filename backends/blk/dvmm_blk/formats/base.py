@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -56,7 +57,11 @@ class ImageFile:
             self.fd = os.open(path, flags)
         except OSError as exc:
             raise ImageError(f"cannot open image {path}: {exc.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self.fd)
+            raise ImageError(f"cannot open image {path}: it is a directory")
+        self.size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self.fd, 0, os.SEEK_END)
         self.memory_backed = filesystem_type(self.fd) in MEMORY_FS
         self._size_lock = threading.Lock()
 

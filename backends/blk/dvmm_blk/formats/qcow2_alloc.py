@@ -36,6 +36,9 @@ class Allocator:
         self.barrier = barrier
         self.cluster_bits = refs.cluster_bits
         self.hint = 0  # no free cluster below this index
+        #: Called with each run about to be handed out: raises if the run
+        #: holds metadata (a refcount of 0 that lies; qemu's overlap check).
+        self.guard: Callable[[int, int], None] = lambda first, count: None
 
     def alloc(self, count: int = 1) -> list[tuple[int, int]]:
         """``count`` free clusters, counted: runs of (file offset, clusters),
@@ -46,6 +49,7 @@ class Allocator:
             n = self._ensure_blocks(start, n)
             if not n:
                 continue
+            self.guard(start, n)
             refs.change(start, n, +1)
             self.hint = start + n
             runs.append((start << self.cluster_bits, n))
@@ -92,6 +96,7 @@ class Allocator:
         cluster = index * refs.block_entries
         if cluster == 0:
             raise ImageCorrupt("qcow2 refcount table has no block for the header cluster")
+        self.guard(cluster, 1)
         blk = [0] * refs.block_entries
         blk[0] = 1  # the block counts itself
         refs.install_block(index, cluster << self.cluster_bits, blk, self.barrier)
@@ -135,6 +140,7 @@ class Allocator:
         per = refs.block_entries
         table = refs.table + [0] * (entries - len(refs.table))
         new_clusters = range(start, start + tclusters + len(blocks))
+        self.guard(start, len(new_clusters))
         for k, index in enumerate(blocks):
             table[index] = (start + tclusters + k) << cb
         contents = {i: [0] * per for i in blocks}

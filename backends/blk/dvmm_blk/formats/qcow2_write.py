@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from ..disk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from .base import ImageError, corrupt_io, split_views
+from .base import ImageCorrupt, ImageError, corrupt_io, split_views
 from .qcow2_alloc import Allocator
 from .qcow2_image import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Image
 from .qcow2_tables import (
@@ -60,8 +60,48 @@ class Qcow2Writer:
         assert img.refs is not None
         self.img = img
         self.alloc = Allocator(img.refs, img.file, img.barrier)
+        self.alloc.guard = self._guard
         self.cs, self.cb = img.cluster_size, img.cluster_bits
         self._punch_ok = True
+        self._fixed = self._fixed_metadata()
+        #: Set when a refcount was found to lie: no more writes (qemu marks
+        #: such an image corrupt; 'qemu-img check -r all' is the way out).
+        self.broken: str | None = None
+
+    # -- metadata that must never be handed out ---------------------------------------------
+    def _fixed_metadata(self) -> list[tuple[int, int]]:
+        """Cluster ranges of the header and snapshot tables (unchanging here)."""
+        img, cs = self.img, self.cs
+        out = [(0, 1)]
+        if img.header.nb_snapshots:
+            from .qcow2_snapshot import table_length
+
+            length = table_length(img.file, img.header)
+            out.append((img.header.snapshots_offset // cs,
+                        -(-(img.header.snapshots_offset + length) // cs)))
+            for snap in img.snapshots:
+                out.append((snap.l1_table_offset // cs,
+                            -(-(snap.l1_table_offset + 8 * snap.l1_size) // cs)))
+        return out
+
+    def _guard(self, first: int, count: int) -> None:
+        """Refuse to hand out clusters the active metadata uses (their refcount
+        said 0: the image is corrupt).  qemu's "overlap check", for the
+        structures dvmm knows without reading more of the file."""
+        img, cs = self.img, self.cs
+        assert img.refs is not None
+        end = first + count
+        ranges = [*self._fixed, (img.l1_offset // cs, -(-(img.l1_offset + 8 * len(img.l1)) // cs)),
+                  (img.refs.table_offset // cs,
+                   img.refs.table_offset // cs + img.refs.table_clusters)]
+        hit = any(a < end and first < b for a, b in ranges) or any(
+            first <= (e & OFFSET_MASK) // cs < end for e in (*img.l1, *img.refs.table)
+            if e & OFFSET_MASK)
+        if hit:
+            self.broken = (f"qcow2 refcounts say clusters {first}..{end - 1} are free but "
+                           "metadata uses them: the image is corrupt (repair it with "
+                           "'qemu-img check -r all')")
+            raise ImageCorrupt(self.broken)
 
     # -- the Disk calls ------------------------------------------------------------------
     def write(self, offset: int, bufs: list[memoryview]) -> None:
@@ -110,6 +150,8 @@ class Qcow2Writer:
             raise corrupt_io(exc) from None
 
     def _bounds(self, offset: int, length: int) -> None:
+        if self.broken is not None:
+            raise OSError(errno.EIO, self.broken)
         if offset < 0 or length < 0 or offset + length > self.img.size:
             raise OSError(errno.EINVAL, f"{length} bytes at {offset} lie past the end of the "
                           f"disk ({self.img.size})")
@@ -150,6 +192,9 @@ class Qcow2Writer:
                    if s.cluster // img.l2_entries == l1_index):
                 self.l2_writable(l1_index)
         segs = [s._replace(entry=img.entry(s.cluster)) for s in segs]
+        for s in segs:
+            if _owned(s.entry):
+                img.classify(s.entry, s.cluster)  # a hostile offset stops the request here
         need = [s for s in segs if not _owned(s.entry)]
         iov: list[memoryview] = []
         for s in need:

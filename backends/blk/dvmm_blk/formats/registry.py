@@ -62,6 +62,9 @@ def open_image(path: str, fmt: str = "auto", read_only: bool = False, *,
         if lock:
             _lock(file)
         img = _open_format(file, fmt, snapshot)
+    except OSError as exc:
+        file.close()
+        raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
     except BaseException:
         file.close()
         raise

@@ -34,7 +34,7 @@ class VpcImage(BlockImage):
 
     def __init__(self, file: ImageFile) -> None:
         head = file.read_upto(0, 512)
-        if head[:8] != COOKIE:
+        if head[:8] != COOKIE or len(head) < 512:
             head = file.read(max(0, file.size - 512), 512, "VHD footer")
             if head[:8] != COOKIE:
                 raise ImageCorrupt("not a VHD image (no 'conectix' footer)")
