@@ -28,6 +28,7 @@ class FakeLink:
     config: bytearray = field(default_factory=lambda: bytearray(FAKE_CONFIG))
     down: bool = False
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    on_config_change: Callable[[], None] | None = None  # set by the transport
 
     def _check(self, what: str) -> None:
         if self.down:

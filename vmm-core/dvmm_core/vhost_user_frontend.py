@@ -54,12 +54,14 @@ from dvmm_shared.vhost_user.message import (
     ProtocolFeature,
 )
 
+from .backend_channel import BackendChannel
 from .inflight_region import InflightRegion
 
 log = logging.getLogger("dvmm.vhost_user_frontend")
 
 WANTED_PROTOCOL = (1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK
-                   | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.INFLIGHT_SHMFD)
+                   | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.INFLIGHT_SHMFD
+                   | 1 << ProtocolFeature.BACKEND_REQ)
 
 REPLY_TIMEOUT = 10.0
 #: Reconnect attempts: every RECONNECT_START for the first RECONNECT_FAST
@@ -143,6 +145,9 @@ class VhostUserLink:
         self._lost_at = 0.0
         self._lost_reason = ""
         self._monitor: threading.Thread | None = None
+        # BACKEND_REQ: config-change messages -> the transport's interrupt.
+        self.on_config_change: Callable[[], None] | None = None
+        self._channel: BackendChannel | None = None
 
     # -- lifecycle ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
@@ -179,12 +184,15 @@ class VhostUserLink:
             protocol = fe.get_protocol_features() & WANTED_PROTOCOL
             fe.set_protocol_features(protocol)
         fe.set_owner()
+        channel = (BackendChannel(self.name, fe, self._config_changed)
+                   if protocol & 1 << ProtocolFeature.BACKEND_REQ else None)
         num_queues = fe.get_queue_num() if protocol & 1 << ProtocolFeature.MQ else 1
         if not first and num_queues < max((q.index + 1 for q in self._queues), default=0):
             raise FrontendError(f"the new backend has only {num_queues} queue(s)")
         fe.set_mem_table([MemRegion(r.guest_addr, r.size, r.host_addr, r.fd_offset)
                           for r in self.ram], [r.fd for r in self.ram])
         self.fe, self.features, self.protocol = fe, features, protocol
+        self._channel = channel
         if first:
             self.num_queues = num_queues
 
@@ -350,6 +358,18 @@ class VhostUserLink:
         if self.fe is not None:
             self.fe.close()
             self.fe = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _config_changed(self) -> None:
+        """(monitor thread) The backend's config space changed: forget the
+        cached copy and let the transport interrupt the guest."""
+        with self._lock:
+            self._config = None
+        self._emit("device-config-changed")
+        if self.on_config_change is not None:
+            self.on_config_change()
 
     def _monitor_loop(self) -> None:
         delay = RECONNECT_START
@@ -375,7 +395,7 @@ class VhostUserLink:
 
     def _watch_connection(self) -> None:
         """Block until the backend hangs up (or a tick passes)."""
-        fe = self.fe
+        fe, channel = self.fe, self._channel
         if fe is None:
             return
         poller = select.poll()
@@ -383,6 +403,8 @@ class VhostUserLink:
             fd = fe.conn.fileno()
             poller.register(fd, select.POLLRDHUP)
             poller.register(self._wake_r, select.POLLIN)
+            if channel is not None and not channel.closed:
+                poller.register(channel.fileno(), select.POLLIN)
         except (ValueError, OSError):
             return
         for ready, mask in poller.poll(MONITOR_TICK * 1000):
@@ -390,6 +412,8 @@ class VhostUserLink:
                 with self._lock:
                     if self.fe is fe:
                         self._mark_lost("the backend hung up")
+            elif channel is not None and not channel.closed and ready == channel.fileno():
+                channel.serve_one()
 
     def _try_reconnect(self, attempts: int) -> bool:
         try:

@@ -187,6 +187,10 @@ class Frontend:
         """Hand the in-flight region back (before the rings are started)."""
         self._send(Request.SET_INFLIGHT_FD, info.encode(), [fd])
 
+    def set_backend_req_fd(self, fd: int) -> None:
+        """Give the backend its end of the back-end channel (BACKEND_REQ)."""
+        self._send(Request.SET_BACKEND_REQ_FD, b"", [fd])
+
     # -- config ---------------------------------------------------------------
     def get_config(self, offset: int, size: int) -> bytes:
         payload = self._call(Request.GET_CONFIG,

@@ -26,7 +26,7 @@ from dvmm_shared.eventfd import EventFd
 
 from ..machine.irq import IrqRouter
 from ..vhost_user_frontend import LinkDown, QueueStart, VhostUserLink
-from .common_cfg import CommonConfig, QueueConfig, StatusEvent
+from .common_cfg import VIRTIO_MSI_NO_VECTOR, CommonConfig, QueueConfig, StatusEvent
 from .msix import MsixTable
 
 log = logging.getLogger("dvmm.virtio_pci")
@@ -76,6 +76,10 @@ class VirtioTransport:
         self.msix = MsixTable(nq + 1, self.reroute)
         self.kicks = [EventFd() for _ in range(nq)]
         self.calls = [EventFd() for _ in range(nq)]
+        # The configuration-change interrupt (4.1.5.3): an eventfd bound like a
+        # queue's call when MSI-X routes msix_config, else ISR bit 1 + INTx.
+        self.config_call = EventFd()
+        link.on_config_change = self.config_changed
         self.isr = 0
         self.intx_gsi: Callable[[], int] = lambda: -1
         self._vector_gsi: dict[int, int] = {}
@@ -192,6 +196,27 @@ class VirtioTransport:
                     self._pumped.add(fd)
                     self.pump.watch(fd, self._intx_fire)
 
+        fd = self.config_call.fd
+        msg = self.msix.message(self.common.msix_config) if self.msix.enabled else None
+        if msg is None:
+            self.router.unbind(fd)  # masked or no vector: a signal waits in the eventfd
+        else:
+            gsi = self._gsi_for(self.common.msix_config)
+            self.router.set_msi(gsi, msg.address_lo, msg.address_hi, msg.data)
+            self.router.bind(fd, gsi)
+
+    def config_changed(self) -> None:
+        """The backend's config space changed: new config_generation, and a
+        configuration-change notification to the driver (virtio 1.2 4.1.5.3)."""
+        self.common.generation += 1
+        if self.msix.enabled:
+            if self.common.msix_config != VIRTIO_MSI_NO_VECTOR:
+                self.config_call.signal()
+            return
+        with self._isr_lock:
+            self.isr |= ISR_CONFIG
+            self._set_intx(True)
+
     def _gsi_for(self, vector: int) -> int:
         if vector not in self._vector_gsi:
             self._vector_gsi[vector] = self.router.allocate()
@@ -240,6 +265,7 @@ class VirtioTransport:
     def close(self) -> None:
         for fd in list(self._pumped):
             self._unpump(fd)
-        for efd in (*self.kicks, *self.calls):
-            self.router.unbind(efd.fd) if efd in self.calls else None
+        self.link.on_config_change = None
+        for efd in (*self.kicks, *self.calls, self.config_call):
+            self.router.unbind(efd.fd) if efd in self.calls or efd is self.config_call else None
             efd.close()
