@@ -122,6 +122,7 @@ def run_one(vm: ChaosVm, sc: Scenario, p: Planned, t0: float) -> Injection:
 def run(sc: Scenario, work: Path, progress: Callable[[str], None]) -> Result:
     """The whole campaign in ``work`` (the VM's files); stops at a dead VM."""
     schedule = for_scenario(sc)
+    work.mkdir(parents=True, exist_ok=True)
     injections: list[Injection] = []
     stopped = None
     start = time.monotonic()
