@@ -32,6 +32,7 @@ import random
 import select
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -295,13 +296,16 @@ class BlkDriver:
 # --- backends and images ---------------------------------------------------------------
 
 def backend_argv(kind: str, image: Path, sock: Path, qsd_aio: str | None) -> list[str]:
-    if kind == "dvmm":
+    if kind == "dvmm":  # the image format is detected
         return [sys.executable, "-m", "dvmm_blk", "--socket", str(sock), "--image", str(image),
                 "--quiet"]
     aio = f",aio={qsd_aio}" if qsd_aio else ""
+    node, fmt = "f0", []
+    if image.suffix == ".qcow2":
+        node, fmt = "q0", ["--blockdev", "driver=qcow2,node-name=q0,file=f0"]
     return ["qemu-storage-daemon", "--blockdev",
-            f"driver=file,node-name=f0,filename={image}{aio}", "--export",
-            f"type=vhost-user-blk,id=e0,addr.type=unix,addr.path={sock},node-name=f0,"
+            f"driver=file,node-name=f0,filename={image}{aio}", *fmt, "--export",
+            f"type=vhost-user-blk,id=e0,addr.type=unix,addr.path={sock},node-name={node},"
             "writable=on"]
 
 
@@ -382,6 +386,7 @@ class Settings:
     workloads: tuple[Workload, ...] = WORKLOADS
     qsd_aio: str | None = None
     seed: int = 1
+    image_format: str = "raw"  # or qcow2: the same data in a qcow2 image for both backends
 
 
 Results = dict[tuple[str, str, str], list[Sample]]   # (target, workload, backend)
@@ -405,13 +410,24 @@ def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) ->
         try:
             with ExitStack() as stack:
                 bes = {k: stack.enter_context(backend(
-                    k, make_image(work / f"{k}.img", settings.image_size), work,
+                    k, _image(work / f"{k}.img", settings), work,
                     settings.qsd_aio)) for k in BACKENDS}
                 features.update({k: b.driver.features for k, b in bes.items()})
                 _run_target(target, bes, settings, results, progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return Outcome(results, features, time.monotonic() - started)
+
+
+def _image(path: Path, settings: Settings) -> Path:
+    raw = make_image(path, settings.image_size)
+    if settings.image_format == "raw":
+        return raw
+    out = path.with_suffix(".qcow2")  # every cluster allocated: the data is random
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)],
+                   check=True)
+    raw.unlink()
+    return out
 
 
 def _run_target(target: Target, bes: dict[str, Backend], settings: Settings,
@@ -454,7 +470,9 @@ def compared(out: Outcome, settings: Settings) -> list[Compared]:
         for wl in settings.workloads:
             d, q = (out.results[(target, wl.name, k)] for k in BACKENDS)
             for metric, get, better in METRICS:
-                rows.append(Compared(f"blk {target}", wl.name, metric, median(map(get, d)),
+                label = f"blk {target}" + ("" if settings.image_format == "raw"
+                                           else f" {settings.image_format}")
+                rows.append(Compared(label, wl.name, metric, median(map(get, d)),
                                      median(map(get, q)), PEER, better))
     return rows
 
@@ -531,6 +549,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--qsd-aio", choices=["threads", "io_uring"],
                    help="qemu-storage-daemon's file aio= (default: its default, threads; "
                    "native would need O_DIRECT, which dvmm does not use)")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw", dest="image_format",
+                   help="image format of both backends' images (default raw)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (small image, short runs, one round)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the ratios to PNG")
@@ -543,7 +563,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         seconds=args.seconds, rounds=max(1, args.rounds), image_size=args.image_mib << 20)
     wls = tuple(w for w in WORKLOADS if not args.workloads or w.name in args.workloads)
     return Settings(base.seconds, base.rounds, base.image_size, base.warmup,
-                    tuple(args.targets or base.targets), wls, args.qsd_aio)
+                    tuple(args.targets or base.targets), wls, args.qsd_aio,
+                    image_format=getattr(args, "image_format", "raw"))
 
 
 def main(args: argparse.Namespace) -> int:
