@@ -25,7 +25,7 @@ pytestmark = pytest.mark.core
 
 
 def test_short_campaign_every_fault_type_invariants_hold(tmp_path: Path) -> None:
-    scenario = DEFAULT.with_overrides(seed=3, duration=20)
+    scenario = DEFAULT.with_overrides(seed=3, duration=24)
     result = campaign.run(scenario, tmp_path / "work", print)
     data, no_png = report.write(result, tmp_path / "report")
     injections = data["injections"]

@@ -9,9 +9,11 @@ argument (one line).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from dvmm_shared.cli import UsageError
@@ -30,9 +32,20 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: unwind, so the campaign's VM is stopped by its pid."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def _campaign(scenario: Any, report_dir: Path) -> dict[str, Any]:
     from . import campaign, report
 
+    # A background job of a non-interactive shell ignores SIGINT: take both.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     with tempfile.TemporaryDirectory(prefix="dvmm-chaos-") as work:
         result = campaign.run(scenario, Path(work), _say)
     data, no_png = report.write(result, report_dir)
@@ -52,7 +65,10 @@ def run_run(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         raise UsageError(str(exc)) from None
     _preflight()
-    return 0 if _campaign(scenario, Path(args.report))["ok"] else 1
+    try:
+        return 0 if _campaign(scenario, Path(args.report))["ok"] else 1
+    except Interrupted as exc:
+        raise UsageError(f"interrupted by {exc}; the VM was stopped, no report") from None
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -75,7 +91,10 @@ def run_replay(args: argparse.Namespace) -> int:
         return 0
     _preflight()
     out = Path(args.report) if args.report else Path(args.report_json).parent / "replay"
-    data = _campaign(scenario, out)
+    try:
+        data = _campaign(scenario, out)
+    except Interrupted as exc:
+        raise UsageError(f"interrupted by {exc}; the VM was stopped, no report") from None
     ran = from_dicts(data["injections"])
     diffs = differences(recorded, ran) if len(ran) == len(recorded) else \
         [*differences(recorded[:len(ran)], ran), f"{len(ran)} of {len(recorded)} ran"]

@@ -6,10 +6,10 @@ through its own interfaces, the ones ``dvmm fault`` uses: process faults
 ``fault``), the others through the backend's command endpoint (``crash-at``
 a named point, ``error`` EIO, ``delay`` for latency, ``close-socket``) —
 and when the fault is *lifted*: the moment from which recovery is timed.
-For a kill, a hang and a closed socket that is when the action ends; for a
+For a kill, a clean restart, a hang and a closed socket that is when the action ends; for a
 crash at a point, the core's ``backend-exited`` event (the crash happens at
 the backend's next request); for EIO, when the armed error is consumed; for
-latency, when the delay is switched off again.
+latency and a memory limit, when the delay or limit is switched off again.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import psutil
 
 from .schedule import Planned
 from .vm import ChaosVm, VmError
@@ -34,6 +36,11 @@ class Applied:
 
 def _sigkill(vm: ChaosVm, p: Planned) -> Applied:
     vm.core_fault("kill")
+    return Applied(time.monotonic())
+
+
+def _restart(vm: ChaosVm, p: Planned) -> Applied:
+    vm.core_fault("restart")
     return Applied(time.monotonic())
 
 
@@ -86,9 +93,29 @@ def _close_socket(vm: ChaosVm, p: Planned) -> Applied:
     return Applied(time.monotonic())
 
 
+def _memlimit(vm: ChaosVm, p: Planned) -> Applied:
+    """RLIMIT_AS (soft) at the backend's current size: a limit reached, not a kill.
+    cgroup v2 ``memory.max`` would need the backend in its own cgroup, which the
+    plain runner does not make; the hard limit stays, so the soft one can be
+    raised again (prlimit(2) on another process: CAP_SYS_RESOURCE or same uid)."""
+    pid = int(vm.backend()["pid"])
+    proc = psutil.Process(pid)
+    old = proc.rlimit(psutil.RLIMIT_AS)
+    proc.rlimit(psutil.RLIMIT_AS, (proc.memory_info().vms, old[1]))
+    try:
+        time.sleep(int(p.arg["hold_ms"]) / 1000)
+    finally:
+        try:
+            proc.rlimit(psutil.RLIMIT_AS, old)
+            note = ""
+        except psutil.NoSuchProcess:
+            note = "the backend died under the limit"
+    return Applied(time.monotonic(), note)
+
+
 INJECT: dict[str, Callable[[ChaosVm, Planned], Applied]] = {
-    "sigkill": _sigkill, "hang": _hang, "crash-at": _crash_at, "eio": _eio,
-    "latency": _latency, "close-socket": _close_socket,
+    "sigkill": _sigkill, "restart": _restart, "hang": _hang, "crash-at": _crash_at, "eio": _eio,
+    "latency": _latency, "close-socket": _close_socket, "memlimit": _memlimit,
 }
 
 

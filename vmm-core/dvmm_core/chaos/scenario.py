@@ -42,6 +42,10 @@ FAULTS: dict[str, FaultType] = {f.name: f for f in (
               "0.3-1 s (a latency spike)"),
     FaultType("close-socket", False, True, "the backend closes its vhost-user socket "
               "(the core reconnects)"),
+    FaultType("restart", False, True, "the supervisor stops the backend cleanly (SIGTERM) "
+              "and starts it again"),
+    FaultType("memlimit", False, False, "the backend's address space is capped at its "
+              "current size (RLIMIT_AS, soft) for 0.3-1 s: every allocation fails"),
 )}
 
 WORKLOADS = {

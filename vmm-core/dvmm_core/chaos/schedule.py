@@ -45,6 +45,8 @@ def _arg(fault: str, rng: random.Random) -> dict[str, Any]:
         return {"ms": rng.randrange(100, 801)}
     if fault == "crash-at":
         return {"point": rng.choice(CRASH_POINTS)}
+    if fault == "memlimit":
+        return {"hold_ms": rng.randrange(300, 1001)}
     if fault == "latency":
         return {"ms": rng.randrange(50, 401), "hold_ms": rng.randrange(300, 1001)}
     if fault == "eio":
