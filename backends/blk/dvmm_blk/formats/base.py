@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from ..disk import MEMORY_FS, filesystem_type
+from ..disk import MEMORY_FS, _vector_io, filesystem_type
 
 SECTOR = 512
 _ZEROS = bytes(1 << 20)
@@ -88,18 +88,16 @@ class ImageFile:
         self._grew(offset + len(data))
 
     def writev(self, offset: int, bufs: list[memoryview]) -> None:
-        from ..disk import _vector_io
-
         _vector_io(os.pwritev, self.fd, offset, bufs, "write")
-        self._grew(offset + sum(map(len, bufs)))
+        end = offset + sum(map(len, bufs))
+        if end > self.size:
+            self._grew(end)
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         """Data into ``bufs``; bytes past the end of the file read as zeros
         (a cluster whose tail was never written)."""
         total = sum(map(len, bufs))
         if offset + total <= self.size:
-            from ..disk import _vector_io
-
             _vector_io(os.preadv, self.fd, offset, bufs, "read")
             return
         avail = max(0, self.size - offset)

@@ -23,11 +23,14 @@ qemu does for an image left dirty.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..disk import IOV_MAX
 from .base import BlockImage, Extent, ImageCorrupt, ImageError, ImageFile, ImageUnsupported
 from .compress import inflate_raw, unzstd
 from .qcow2_header import (
@@ -54,6 +57,8 @@ from .qcow2_tables import (
 
 if TYPE_CHECKING:
     from .qcow2_write import Qcow2Writer
+
+_NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | L2_RESERVED
 
 #: How an L2 entry reads (``classify``).
 UNALLOCATED, ZERO, DATA, COMPRESSED = "unallocated", "zero", "data", "compressed"
@@ -92,6 +97,7 @@ class Qcow2Image(BlockImage):
         self.refs: Refcounts | None = None
         self._writer: Qcow2Writer | None = None
         self._set_dirty = False
+        self._nowait_ok = hasattr(os, "RWF_NOWAIT") and not file.memory_backed
         if not self.read_only:
             self._open_writable(cache_tables, snapshot)
 
@@ -236,6 +242,57 @@ class Qcow2Image(BlockImage):
             out = inflate_raw(raw, self.cluster_size)
         self._inflated.put(c.offset, out)
         return out
+
+    def read(self, offset: int, bufs: list[memoryview]) -> None:
+        """The common case first: a read inside one data cluster is one
+        ``preadv`` (after a look-up under the lock); anything else walks
+        the extents."""
+        total = sum(map(len, bufs))
+        host = self.single_cluster(offset, total, 0)
+        if host >= 0:
+            self.file.readv(host, bufs)
+            return
+        super().read(offset, bufs)
+
+    def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
+        """A read inside one data cluster, if the page cache holds it
+        (``RWF_NOWAIT``, :class:`dvmm_blk.disk.CachedReads`); False: the
+        engine reads it."""
+        if not self._nowait_ok or len(bufs) > IOV_MAX:
+            return False
+        total = sum(map(len, bufs))
+        host = self.single_cluster(offset, total, 0)
+        if host < 0:
+            return False
+        try:
+            done = os.preadv(self.file.fd, bufs, host, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._nowait_ok = False
+                return False
+            raise
+        return done == total
+
+    def single_cluster(self, offset: int, total: int, need: int) -> int:
+        """The file offset of ``[offset, offset+total)`` if it lies in one
+        data cluster whose L2 entry has every flag of ``need`` (and is
+        neither compressed nor zero); -1 otherwise (the slow path decides)."""
+        cb = self.cluster_bits
+        if total <= 0 or offset < 0 or offset + total > self.size \
+                or offset >> cb != (offset + total - 1) >> cb:
+            return -1
+        with self.lock:
+            try:
+                entry = self.entry(offset >> cb)
+            except ImageError:
+                return -1
+        host = entry & OFFSET_MASK
+        if entry & _NOT_PLAIN or entry & need != need or not host \
+                or host & (self.cluster_size - 1) or host >= self.file.size:
+            return -1
+        return host + (offset & (self.cluster_size - 1))
 
     # -- writing: the writer's -----------------------------------------------------------
     def write(self, offset: int, bufs: list[memoryview]) -> None:

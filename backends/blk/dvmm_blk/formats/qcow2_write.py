@@ -106,8 +106,12 @@ class Qcow2Writer:
     # -- the Disk calls ------------------------------------------------------------------
     def write(self, offset: int, bufs: list[memoryview]) -> None:
         total = sum(map(len, bufs))
-        self._bounds(offset, total)
         img = self.img
+        host = img.single_cluster(offset, total, OFLAG_COPIED) if self.broken is None else -1
+        if host >= 0:  # the common case: inside one cluster this image owns
+            img.file.writev(host, bufs)
+            return
+        self._bounds(offset, total)
         try:
             with img.lock:
                 runs = self._in_place(offset, total)
