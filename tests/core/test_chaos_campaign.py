@@ -1,10 +1,12 @@
 """A short chaos campaign on the dvmm core (KVM + SeaBIOS), issue 14.
 
 Every implemented fault type is injected at least once into the blk backend
-while the guest program re-reads one region and compares every read with
-the first; the invariants must hold after every injection, the report's
-files must say so, and ``dvmm chaos replay --schedule-only`` must rebuild
-the same schedule from the report.  A second, tiny campaign with an
+while a guest program re-reads one region and compares every read with the
+first (``blk``), or writes numbered sectors and reads each back
+(``blk-write``, its image checked once the VM stopped); the invariants
+must hold after every injection, the report's files must say so, and
+``dvmm chaos replay --schedule-only`` must rebuild the same schedule from
+the report.  A second, tiny campaign with an
 impossible recovery bound shows that a broken invariant is reported as
 ``failed`` (the checks can fail).  The VM is always stopped by pid (the
 campaign's context manager).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,9 @@ from dvmm_core.chaos.scenario import DEFAULT, FAULTS, Scenario
 pytestmark = pytest.mark.core
 
 
-def test_short_campaign_every_fault_type_invariants_hold(tmp_path: Path) -> None:
-    scenario = DEFAULT.with_overrides(seed=3, duration=24)
+@pytest.mark.parametrize("workload", ["blk", "blk-write"])
+def test_short_campaign_every_fault_type_invariants_hold(tmp_path: Path, workload: str) -> None:
+    scenario = replace(DEFAULT, workload=workload).with_overrides(seed=3, duration=24)
     result = campaign.run(scenario, tmp_path / "work", print)
     data, no_png = report.write(result, tmp_path / "report")
     injections = data["injections"]

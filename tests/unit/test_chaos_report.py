@@ -77,3 +77,28 @@ def test_guest_oracle_parsing() -> None:
     bad = parse(text + "dvmm-chaos: MISMATCH at read 600\r\n")
     assert bad.mismatches == 1
     assert parse("dvmm-chaos: bad params\r\n").stopped == "bad params"
+
+
+def test_write_image_oracle(tmp_path: Path) -> None:
+    """The host check of a stopped blk-write VM's image: 16 intact, consecutive
+    writes, none older than what the guest verified."""
+    from dvmm_core.chaos.workload import SECTOR_SIZE, SLOTS, check_writes, make_disk, pattern
+
+    img = tmp_path / "w.img"
+    make_disk(img, 1, "blk-write")
+    assert check_writes(img, 0) is None and check_writes(img, SLOTS) is None
+
+    def put(slot: int, data: bytes) -> None:
+        with img.open("r+b") as f:
+            f.seek((1 + slot) * SECTOR_SIZE)
+            f.write(data)
+
+    put(0, pattern(SLOTS))                      # write 16 landed: still a window
+    assert check_writes(img, SLOTS + 1) is None
+    assert "lost" in str(check_writes(img, SLOTS + 5))
+    put(3, pattern(SLOTS + 3))                  # a gap: 17 and 18 missing
+    assert "consecutive" in str(check_writes(img, 0))
+    put(3, pattern(3)[:-4] + b"\0\0\0\0")       # a torn or altered sector
+    assert "intact" in str(check_writes(img, 0))
+    put(3, pattern(4))                          # a write in the wrong slot
+    assert "intact" in str(check_writes(img, 0))

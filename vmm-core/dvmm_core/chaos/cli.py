@@ -9,9 +9,9 @@ argument (one line).
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,9 +46,16 @@ def _campaign(scenario: Any, report_dir: Path) -> dict[str, Any]:
     # A background job of a non-interactive shell ignores SIGINT: take both.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    with tempfile.TemporaryDirectory(prefix="dvmm-chaos-") as work:
-        result = campaign.run(scenario, Path(work), _say)
+    # The VM's files (core log, serial log, image) stay in DIR/vm when the
+    # campaign failed: what the core and the backend logged is the diagnosis.
+    work = report_dir / "vm"
+    shutil.rmtree(work, ignore_errors=True)
+    result = campaign.run(scenario, work, _say)
     data, no_png = report.write(result, report_dir)
+    if data["ok"]:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"dvmm chaos: the VM's logs are kept in {work}")
     if no_png:
         print(f"dvmm chaos: {no_png}")
     print(report.summary_md(data), end="")

@@ -52,6 +52,10 @@ WORKLOADS = {
     "blk": "SeaBIOS boots a program that reads one disk region through int 13h for ever, "
            "comparing every read with the first (oracle: no read differs; a read error "
            "only while an EIO is armed; the image's data unchanged at the end)",
+    "blk-write": "SeaBIOS boots a program that writes numbered sectors in turn to 16 slots "
+                 "through int 13h and reads each back (oracle: every read-back equal; an "
+                 "I/O error only while an EIO is armed; after the VM stopped, the image "
+                 "holds 16 intact, consecutive writes, none older than the guest verified)",
 }
 VMS = {"core": "the dvmm core (KVM) with SeaBIOS and one dvmm blk backend"}
 MAX_DURATION = 24 * 3600.0

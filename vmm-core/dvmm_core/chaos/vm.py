@@ -63,8 +63,8 @@ def _inflight_map(pid: int) -> mmap.mmap | None:
 class ChaosVm:
     """One core VM for one campaign (a context manager)."""
 
-    def __init__(self, work: Path, seed: int) -> None:
-        self.work, self.seed = work, seed
+    def __init__(self, work: Path, seed: int, workload: str = "blk") -> None:
+        self.work, self.seed, self.workload = work, seed, workload
         self.disk, self.log = work / "chaos.img", work / "core.log"
         self.serial = SerialLog(work / "serial.log")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,7 +88,7 @@ class ChaosVm:
         self.close()
 
     def start(self) -> None:
-        self.digest = make_disk(self.disk, self.seed)
+        self.digest = make_disk(self.disk, self.seed, self.workload)
         self.proc = spawn([sys.executable, "-m", "dvmm_core.cli", "run", "-q", "--disk",
                            str(self.disk), "--serial", f"file:{self.serial.path}",
                            "--restart-limit", "1000000/60"], self.log)

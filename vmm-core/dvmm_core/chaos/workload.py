@@ -1,12 +1,21 @@
-"""The blk workload of a chaos campaign under the dvmm core, and its oracle.
+"""The blk workloads of a chaos campaign under the dvmm core, and their oracles.
 
-Owns the guest program (``chaos_boot.S`` next to this module: SeaBIOS boots
-it, it reads one region through int 13h for ever and compares every read
-with the first, reporting and retrying a failed read), the disk it boots
-from, and the reading of its serial log into a :class:`GuestView`: reads so
-far, mismatches (acknowledged data altered: never allowed), read errors
-(allowed only while a fault the guest may see is armed).  It does not run
-the VM (:mod:`.vm`) or decide outcomes (:mod:`.campaign`).
+Owns the guest programs next to this module, the disks they boot from, the
+reading of their serial log into a :class:`GuestView` (progress,
+mismatches: acknowledged data altered, never allowed; I/O errors: allowed
+only while a fault the guest may see is armed) and the host's check of the
+image after the VM stopped.  SeaBIOS boots either program:
+
+* ``blk`` (``chaos_boot.S``): reads one region through int 13h for ever and
+  compares every read with the first; the image's data must be unchanged;
+* ``blk-write`` (``chaos_write_boot.S``): write number S puts S's pattern in
+  slot S mod N, reads it back and compares; the image must then hold N
+  intact writes with consecutive numbers (the last N acknowledged ones, or
+  the one in flight when the VM stopped in place of its slot's previous),
+  the newest at least the last number the guest reported.
+
+A failed request is reported and retried by both.  It does not run the VM
+(:mod:`.vm`) or decide outcomes (:mod:`.campaign`).
 """
 
 from __future__ import annotations
@@ -24,14 +33,18 @@ from dvmm_core.boot.demo import IMAGE_ALIGN, INCLUDES, PARAMS_OFFSET, SECTOR_SIZ
 
 SOURCE = "chaos_boot.S"
 MAGIC = b"DVMC"
+WRITE_SOURCE = "chaos_write_boot.S"
+WRITE_MAGIC = b"DVMW"
+SLOTS = 16                      # blk-write: sectors written in turn
+KINDS = ("blk", "blk-write")
 PARAMS_FORMAT = "<4sIBB"
 SECTORS = 8                     # sectors per read (one 4 KiB request)
 FOREVER = (1 << 32) - 1         # reads: the program outlives any campaign
 
 _BOOTED = "dvmm-chaos: booted"
-_MISMATCH = re.compile(r"dvmm-chaos: MISMATCH at read (\d+)")
-_READ_ERROR = re.compile(r"dvmm-chaos: read error AH=([0-9A-F]+)")
-_PROGRESS = re.compile(r"dvmm-chaos: reads (\d+)")
+_MISMATCH = re.compile(r"dvmm-chaos: MISMATCH at (?:read|write) (\d+)")
+_READ_ERROR = re.compile(r"dvmm-chaos: (?:read|I/O) error AH=([0-9A-F]+)")
+_PROGRESS = re.compile(r"dvmm-chaos: (?:reads|writes) (\d+)")
 _FATAL = re.compile(r"dvmm-chaos: (bad params|done \d+ equal)")
 
 
@@ -43,13 +56,13 @@ def _text(name: str, package: str) -> bytes:
     return resources.files(package).joinpath(name).read_bytes()
 
 
-def boot_sector() -> bytes:
-    """``chaos_boot.S`` assembled (as --32, ld -Ttext 0x7c00, binary): 512 bytes."""
+def boot_sector(source: str = SOURCE) -> bytes:
+    """A guest program assembled (as --32, ld -Ttext 0x7c00, binary): 512 bytes."""
     with tempfile.TemporaryDirectory(prefix="dvmm-chaos-boot-") as tmp:
-        Path(tmp, SOURCE).write_bytes(_text(SOURCE, __package__ or "dvmm_core.chaos"))
+        Path(tmp, source).write_bytes(_text(source, __package__ or "dvmm_core.chaos"))
         for inc in INCLUDES:
             Path(tmp, inc).write_bytes(_text(inc, "dvmm_core.boot"))
-        for argv in (["as", "--32", "-o", "boot.o", SOURCE],
+        for argv in (["as", "--32", "-o", "boot.o", source],
                      ["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "_start",
                       "--oformat", "binary", "-o", "boot.bin", "boot.o"]):
             try:
@@ -57,15 +70,28 @@ def boot_sector() -> bytes:
             except FileNotFoundError:
                 raise WorkloadError(f"{argv[0]} not found (apt-get install binutils)") from None
             if done.returncode != 0:
-                raise WorkloadError(f"{argv[0]} failed on {SOURCE}: {done.stderr.strip()}")
+                raise WorkloadError(f"{argv[0]} failed on {source}: {done.stderr.strip()}")
         image = Path(tmp, "boot.bin").read_bytes()
     if len(image) != SECTOR_SIZE or image[510:] != b"\x55\xaa":
-        raise WorkloadError(f"{SOURCE}: not a 512-byte boot sector ({len(image)} bytes)")
+        raise WorkloadError(f"{source}: not a 512-byte boot sector ({len(image)} bytes)")
     return image
 
 
-def make_disk(path: Path, seed: int) -> str:
-    """Write the bootable image; return the SHA-256 of its data region."""
+def pattern(seq: int) -> bytes:
+    """The sector of write ``seq``: dword k = seq xor (k * 0x9E3779B9) mod 2^32."""
+    return struct.pack("<128I", *((seq ^ (k * 0x9E3779B9)) & 0xFFFFFFFF for k in range(128)))
+
+
+def make_disk(path: Path, seed: int, kind: str = "blk") -> str:
+    """Write the bootable image of workload ``kind``; return the SHA-256 of its
+    data region (``blk``) or "" (``blk-write``: checked by :func:`check_writes`)."""
+    if kind == "blk-write":
+        sector = bytearray(boot_sector(WRITE_SOURCE))
+        struct.pack_into(PARAMS_FORMAT, sector, PARAMS_OFFSET, WRITE_MAGIC, 0, SLOTS, 0)
+        # Slot s starts as write s: the first pass rewrites the same bytes.
+        image = bytes(sector) + b"".join(pattern(s) for s in range(SLOTS))
+        path.write_bytes(image + bytes(-len(image) % IMAGE_ALIGN))
+        return ""
     sector = bytearray(boot_sector())
     struct.pack_into(PARAMS_FORMAT, sector, PARAMS_OFFSET, MAGIC, FOREVER, 0, SECTORS)
     data = hashlib.shake_256(f"dvmm-chaos:{seed}".encode()).digest(SECTORS * SECTOR_SIZE)
@@ -80,6 +106,26 @@ def data_digest(path: Path) -> str:
     with path.open("rb") as f:
         f.seek(SECTOR_SIZE)
         return hashlib.sha256(f.read(SECTORS * SECTOR_SIZE)).hexdigest()
+
+
+def check_writes(path: Path, progress: int) -> str | None:
+    """Why the image of a stopped ``blk-write`` VM breaks the oracle (None: it holds)."""
+    with path.open("rb") as f:
+        f.seek(SECTOR_SIZE)
+        region = f.read(SLOTS * SECTOR_SIZE)
+    seqs = []
+    for slot in range(SLOTS):
+        block = region[slot * SECTOR_SIZE:(slot + 1) * SECTOR_SIZE]
+        seq = struct.unpack_from("<I", block)[0]
+        if block != pattern(seq) or seq % SLOTS != slot:
+            return f"slot {slot}: not an intact write for this slot (dword 0 = {seq})"
+        seqs.append(seq)
+    seqs.sort()
+    if seqs != list(range(seqs[0], seqs[0] + SLOTS)):
+        return f"the slots do not hold {SLOTS} consecutive writes: {seqs}"
+    if seqs[-1] + 1 < progress:
+        return f"acknowledged writes lost: newest on disk {seqs[-1]}, guest verified {progress}"
+    return None
 
 
 @dataclass(frozen=True)
