@@ -35,7 +35,8 @@ from .schedule import Planned, for_scenario
 from .vm import ChaosVm, VmError
 from .workload import GuestView, check_writes, data_digest
 
-RECOVERY_TIMEOUT = 60.0   # no recovery this long: the injection failed, the campaign stops
+RECOVERY_TIMEOUT = 20.0   # no recovery this long: the injection failed, a new VM goes on
+MAX_VMS = 25
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Result:
     final: dict[str, bool]
     wall_s: float
     stopped_early: str | None = None
+    vm_restarts: list[str] = field(default_factory=list)
 
 
 def _recover(vm: ChaosVm, lifted: float, wants_restore: bool) -> float | None:
@@ -120,36 +122,63 @@ def run_one(vm: ChaosVm, sc: Scenario, p: Planned, t0: float) -> Injection:
     return inj
 
 
-def run(sc: Scenario, work: Path, progress: Callable[[str], None]) -> Result:
-    """The whole campaign in ``work`` (the VM's files); stops at a dead VM."""
-    schedule = for_scenario(sc)
+def _one_vm(sc: Scenario, work: Path, pending: list[Planned], start: float,
+            progress: Callable[[str], None]) -> tuple[list[Injection], dict[str, bool],
+                                                       str | None]:
+    """Run ``pending`` on one fresh VM until the end or an injection it does not
+    recover from; the injections run, the VM's final checks, why it ended early."""
+    out: list[Injection] = []
+    broken = None
     work.mkdir(parents=True, exist_ok=True)
-    injections: list[Injection] = []
-    stopped = None
-    start = time.monotonic()
     with ChaosVm(work, sc.seed, sc.workload) as vm:
-        progress(f"VM up after {time.monotonic() - start:.1f} s; {len(schedule)} injections "
-                 f"over {sc.duration:g} s")
-        t0 = time.monotonic()
-        for p in schedule:
+        progress(f"VM up after {time.monotonic() - start:.1f} s; {len(pending)} injections "
+                 "to go")
+        t0 = time.monotonic() - (pending[0].time - sc.min_gap)  # keep the planned spacing
+        for p in pending:
             while (left := t0 + p.time - time.monotonic()) > 0:
                 vm.check()
                 time.sleep(min(left, 0.05))
-            inj = run_one(vm, sc, p, t0)
-            injections.append(inj)
+            inj = run_one(vm, sc, p, start)
+            out.append(inj)
             progress(f"#{p.index} t={p.time:.1f}s {p.fault} {p.arg or ''} -> {inj.outcome} "
                      f"({inj.recovery_ms} ms)")
             if not vm.alive() or inj.recovery_ms is None:
-                stopped = f"stopped after injection {p.index}: {inj.note or inj.outcome}"
+                broken = f"injection {p.index} ({p.fault}) not recovered: " \
+                         f"{inj.note or inj.outcome}"
                 break
         view = vm.serial.view()
-        final = {"vm_alive": vm.alive(), "oracle": view.mismatches == 0 and view.stopped is None,
+        final = {"vm_alive": vm.alive() or broken is not None,
+                 "oracle": view.mismatches == 0 and view.stopped is None,
                  "guest_progress": view.progress > 0}
     if sc.workload == "blk-write":  # the VM has stopped: the image is final
-        why = check_writes(vm.disk, view.progress)
-        final["image_writes"] = why is None
-        if why and stopped is None:
-            stopped = f"image check: {why}"
+        final["image_writes"] = check_writes(vm.disk, view.progress) is None
     else:
         final["image_unchanged"] = data_digest(vm.disk) == vm.digest
-    return Result(sc, injections, final, time.monotonic() - start, stopped)
+    return out, final, broken
+
+
+def run(sc: Scenario, work: Path, progress: Callable[[str], None]) -> Result:
+    """The whole campaign in ``work`` (each VM's files in ``work/vmN``).
+
+    An injection the VM does not recover from is recorded as failed, and a
+    fresh VM continues the schedule (at most :data:`MAX_VMS`), so one
+    broken invariant does not hide what the rest of the campaign finds."""
+    pending = for_scenario(sc)
+    injections: list[Injection] = []
+    final: dict[str, bool] = {}
+    restarts: list[str] = []
+    stopped = None
+    start = time.monotonic()
+    while pending:
+        if len(restarts) >= MAX_VMS:
+            stopped = f"{MAX_VMS} VMs broken; {len(pending)} injections not run"
+            break
+        done, fin, broken = _one_vm(sc, work / f"vm{len(restarts) + 1}", pending, start,
+                                    progress)
+        injections += done
+        final = {k: final.get(k, True) and v for k, v in fin.items()}
+        pending = pending[len(done):]
+        if broken:
+            restarts.append(broken)
+            progress(f"{broken}; a new VM continues the schedule")
+    return Result(sc, injections, final, time.monotonic() - start, stopped, restarts)

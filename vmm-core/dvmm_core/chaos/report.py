@@ -37,6 +37,7 @@ def to_json(r: Result) -> dict[str, Any]:
     return {"version": 1, "scenario": r.scenario.to_dict(),
             "injections": [i.to_dict() for i in r.injections], "final": r.final,
             "wall_s": round(r.wall_s, 1), "stopped_early": r.stopped_early,
+            "vm_restarts": r.vm_restarts,
             "ok": ok(r)}
 
 
@@ -74,6 +75,8 @@ def summary_md(data: dict[str, Any]) -> str:
                      f"{r['surfaced']} | {r['failed']} | {p50} | {p99} |")
     lines += ["", "Final checks: " + ", ".join(
         f"{k} {'ok' if v else 'FAILED'}" for k, v in data["final"].items()) + "."]
+    for why in data.get("vm_restarts", []):
+        lines.append(f"New VM after {why}.")
     if data.get("stopped_early"):
         lines.append(f"Stopped early: {data['stopped_early']}.")
     broken = [f"#{i['index']} {i['fault']}: " + ", ".join(
