@@ -8,11 +8,15 @@ none``), and stops it by pid -- SIGTERM, a bounded wait, SIGKILL -- then
 unmounts what it left and removes the directory, also when the test
 failed.  :func:`docker_images` is the pytest fixture: a daemon with the
 backend images built by ``dvmm docker build`` (its base comes from the
-cached debootstrap tarball, see ``dvmm_core.runners_docker_build``).
+cached debootstrap tarball, see ``dvmm_core.runners_docker_build``).  One
+daemon serves the whole test session (every module that asks for the
+fixture), and is stopped when the session's process exits; it also gets
+``PR_SET_PDEATHSIG``, so a killed test run does not leave it behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -24,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dvmm_shared.procs import die_with_parent
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -50,7 +55,8 @@ class Dockerd:
                  "--storage-driver=overlay2", "--data-root", str(self.base / "data"),
                  "--exec-root", str(self.base / "exec"), "-H", self.host,
                  "--pidfile", str(self.base / "dockerd.pid")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGTERM))
         deadline = time.monotonic() + START_TIMEOUT
         while subprocess.run(["docker", "version"], env=self.env(), capture_output=True,
                              check=False).returncode != 0:
@@ -91,18 +97,34 @@ def docker_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def docker_images() -> Iterator[Dockerd]:
-    """A private daemon with ``dvmm-blk`` and ``dvmm-net`` built (module-wide)."""
+_shared: list[Dockerd] = []
+
+
+def shared_daemon() -> Dockerd:
+    """The session's daemon with the images built, started on first use."""
+    if _shared:
+        return _shared[0]
     reason = docker_unavailable()
     if reason is not None:
         pytest.fail(reason)
     daemon = Dockerd(Path(tempfile.mkdtemp(prefix="dvmm-dockerd-")))
-    try:
-        daemon.start()
-        build = subprocess.run([sys.executable, "-m", "dvmm_core.cli", "docker", "build"],
-                               env=daemon.env(), capture_output=True, text=True, check=False)
-        assert build.returncode == 0, f"dvmm docker build failed:\n{build.stderr[-3000:]}"
-        yield daemon
-    finally:
-        daemon.stop()
+    atexit.register(daemon.stop)  # also when a test failed or the run was interrupted
+    daemon.start()
+    _shared.append(daemon)
+    build = subprocess.run([sys.executable, "-m", "dvmm_core.cli", "docker", "build"],
+                           env=daemon.env(), capture_output=True, text=True, check=False)
+    assert build.returncode == 0, f"dvmm docker build failed:\n{build.stderr[-3000:]}"
+    return daemon
+
+
+@pytest.fixture(scope="module")
+def docker_images() -> Iterator[Dockerd]:
+    """A private daemon with ``dvmm-blk``, ``dvmm-net`` and ``dvmm-display`` built."""
+    daemon = shared_daemon()
+    yield daemon
+    # No container may outlive the module that started it.
+    left = subprocess.run(["docker", "ps", "-aq"], env=daemon.env(), capture_output=True,
+                          text=True, check=False).stdout.split()
+    if left:
+        subprocess.run(["docker", "rm", "-f", *left], env=daemon.env(), capture_output=True,
+                       check=False)
