@@ -82,7 +82,8 @@ def test_guest_oracle_parsing() -> None:
 def test_write_image_oracle(tmp_path: Path) -> None:
     """The host check of a stopped blk-write VM's image: 16 intact, consecutive
     writes, none older than what the guest verified."""
-    from dvmm_core.chaos.workload import SECTOR_SIZE, SLOTS, check_writes, make_disk, pattern
+    from dvmm_core.boot.demo import SECTOR_SIZE
+    from dvmm_core.chaos.workload import SLOTS, check_writes, make_disk, pattern
 
     img = tmp_path / "w.img"
     make_disk(img, 1, "blk-write")
