@@ -20,15 +20,27 @@ one 12-byte write, then the old table's clusters are freed.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 
 from .base import ImageCorrupt, ImageFile
 from .qcow2_header import OFF_REFTABLE
 from .qcow2_tables import Refcounts, encode_refblock_range, encode_u64
 
+#: Clusters counted ahead of use, one barrier for the lot: from this many
+#: the reservation doubles while allocation goes on, up to the maximum.
+FIRST_BATCH, MAX_BATCH = 8, 256
+
 
 class Allocator:
-    """Hands out clusters with refcount 1 (written before it returns)."""
+    """Hands out clusters whose refcount of 1 is already durable.
+
+    Counting a cluster and making that durable (a barrier) before each use
+    would cost an ``fdatasync`` per allocating write (measured: 110 writes/s
+    on a disk).  So clusters are *reserved* in batches — counted, then one
+    barrier — and handed out from the reservation with no barrier of their
+    own.  What a crash leaves reserved is a leak (reclaimed by the next
+    read-write open of the dirty image); a clean close gives it back."""
 
     def __init__(self, refs: Refcounts, file: ImageFile, barrier: Callable[[], None]) -> None:
         self.refs = refs
@@ -36,14 +48,39 @@ class Allocator:
         self.barrier = barrier
         self.cluster_bits = refs.cluster_bits
         self.hint = 0  # no free cluster below this index
-        #: Called with each run about to be handed out: raises if the run
+        self.pool: deque[list[int]] = deque()  # reserved runs [first cluster, count]
+        self.batch = FIRST_BATCH
+        #: Called with each run about to be counted: raises if the run
         #: holds metadata (a refcount of 0 that lies; qemu's overlap check).
         self.guard: Callable[[int, int], None] = lambda first, count: None
 
     def alloc(self, count: int = 1) -> list[tuple[int, int]]:
-        """``count`` free clusters, counted: runs of (file offset, clusters),
-        in file order (contiguous where the free space allows)."""
-        refs, runs = self.refs, []
+        """``count`` clusters, counted durably: runs of (file offset,
+        clusters) in file order (contiguous where the free space allows)."""
+        if sum(n for _, n in self.pool) < count:
+            self._reserve(max(count, self.batch))
+            self.batch = min(MAX_BATCH, self.batch * 2)
+        runs: list[tuple[int, int]] = []
+        while count:
+            run = self.pool[0]
+            n = min(count, run[1])
+            if runs and (runs[-1][0] >> self.cluster_bits) + runs[-1][1] == run[0]:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((run[0] << self.cluster_bits, n))
+            run[0] += n
+            run[1] -= n
+            if not run[1]:
+                self.pool.popleft()
+            count -= n
+        return runs
+
+    def alloc_one(self) -> int:
+        return self.alloc(1)[0][0]
+
+    def _reserve(self, count: int) -> None:
+        """Count ``count`` free clusters into the pool, then one barrier."""
+        refs = self.refs
         while count:
             start, n = refs.find_free(self.hint, count, refs.covered)
             n = self._ensure_blocks(start, n)
@@ -52,12 +89,20 @@ class Allocator:
             self.guard(start, n)
             refs.change(start, n, +1)
             self.hint = start + n
-            runs.append((start << self.cluster_bits, n))
+            if self.pool and self.pool[-1][0] + self.pool[-1][1] == start:
+                self.pool[-1][1] += n
+            else:
+                self.pool.append([start, n])
             count -= n
-        return runs
+        self.barrier()  # counted before anything can point at them
 
-    def alloc_one(self) -> int:
-        return self.alloc(1)[0][0]
+    def release(self) -> None:
+        """Give back what is reserved and unused (a clean close)."""
+        while self.pool:
+            first, n = self.pool.popleft()
+            self.refs.change(first, n, -1)
+            self.hint = min(self.hint, first)
+        self.batch = FIRST_BATCH
 
     def free(self, offset: int, length: int, punch: Callable[[int, int], None] | None = None
              ) -> None:

@@ -216,8 +216,23 @@ def repair(img: Qcow2Image, fix_errors: bool) -> CheckResult:
                 result.leaks_fixed += 1
             else:
                 result.corruptions_fixed += 1
+    _reclaim_past_end(refs, len(counts))
     img.file.flush()
     return result
+
+
+def _reclaim_past_end(refs: Refcounts, first: int) -> None:
+    """Counts of clusters past the end of the file: what a crash left
+    reserved and never wrote (qemu-img check does not look there; nothing
+    there can be in use)."""
+    per = refs.block_entries
+    for index in range(first // per, len(refs.table)):
+        blk = refs.block(index)
+        if blk is None:
+            continue
+        for i in range(max(0, first - index * per), per):
+            if blk[i]:
+                refs.change(index * per + i, 1, -blk[i])
 
 
 def repair_after_crash(img: Qcow2Image) -> CheckResult:

@@ -316,6 +316,8 @@ class Qcow2Image(BlockImage):
 
     def close(self) -> None:
         with self.lock:
+            if self.file.fd >= 0 and self._writer is not None:
+                self._writer.alloc.release()
             if self.file.fd >= 0 and self._set_dirty:
                 self.set_incompatible(self.header.incompatible & ~INCOMPAT_DIRTY)
                 self._set_dirty = False

@@ -5,7 +5,8 @@ what keeps the image consistent if the process is killed (or, with
 ``sync_metadata``, the machine loses power) at any point — qcow2.txt's
 refcount rule, as qemu's cache dependencies enforce it:
 
-1. new clusters are counted (refcount 1) — then a barrier;
+1. new clusters are counted (refcount 1) — then a barrier (the allocator
+   counts a batch ahead, so one barrier serves many writes);
 2. their data is written (a partial cluster is completed from what it held
    before: the backing image, zeros, a compressed or shared cluster);
 3. the L2 entries are switched to them (write-through);
@@ -203,8 +204,7 @@ class Qcow2Writer:
         iov: list[memoryview] = []
         for s in need:
             iov += self._whole_cluster(s)
-        hosts = self._hosts(self.alloc.alloc(len(need)))
-        img.barrier()  # 1: counted before anything can point at them
+        hosts = self._hosts(self.alloc.alloc(len(need)))  # 1: counted, durably
         for host, n in _runs(hosts, self.cs):  # 2: the data
             part, iov = split_views(iov, n * self.cs)
             file.writev(host, part)
@@ -250,7 +250,6 @@ class Qcow2Writer:
             return
         old_table = img.l2_table(l1_index) if old else None
         new = self.alloc.alloc_one()
-        img.barrier()
         table = [self._copied_flag(x) for x in old_table] if old_table else \
             [0] * img.l2_entries
         file.write(new, encode_u64(table))
