@@ -276,23 +276,33 @@ class Qcow2Image(BlockImage):
         return done == total
 
     def single_cluster(self, offset: int, total: int, need: int) -> int:
-        """The file offset of ``[offset, offset+total)`` if it lies in one
-        data cluster whose L2 entry has every flag of ``need`` (and is
-        neither compressed nor zero); -1 otherwise (the slow path decides)."""
-        cb = self.cluster_bits
-        if total <= 0 or offset < 0 or offset + total > self.size \
-                or offset >> cb != (offset + total - 1) >> cb:
+        """The file offset of ``[offset, offset+total)`` if it lies in data
+        clusters that follow each other in the file, each L2 entry with
+        every flag of ``need`` (and neither compressed nor zero); -1
+        otherwise (the slow path decides).  Most requests: one or two
+        clusters, one look-up each."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        if total <= 0 or offset < 0 or offset + total > self.size:
             return -1
+        first, last = offset >> cb, (offset + total - 1) >> cb
+        if last - first > 16:
+            return -1
+        start = -1
         with self.lock:
-            try:
-                entry = self.entry(offset >> cb)
-            except ImageError:
-                return -1
-        host = entry & OFFSET_MASK
-        if entry & _NOT_PLAIN or entry & need != need or not host \
-                or host & (self.cluster_size - 1) or host >= self.file.size:
-            return -1
-        return host + (offset & (self.cluster_size - 1))
+            for cluster in range(first, last + 1):
+                try:
+                    entry = self.entry(cluster)
+                except ImageError:
+                    return -1
+                host = entry & OFFSET_MASK
+                if entry & _NOT_PLAIN or entry & need != need or not host \
+                        or host & (cs - 1) or host >= self.file.size:
+                    return -1
+                if start < 0:
+                    start = host
+                elif host != start + ((cluster - first) << cb):
+                    return -1
+        return start + (offset & (cs - 1))
 
     # -- writing: the writer's -----------------------------------------------------------
     def write(self, offset: int, bufs: list[memoryview]) -> None:
