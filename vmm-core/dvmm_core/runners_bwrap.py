@@ -69,11 +69,13 @@ class BwrapRunner(Runner):
                 args += ["--symlink", target, link]
             elif os.path.isdir(link):
                 args += ["--ro-bind", link, link]
-        args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        # After the /tmp tmpfs (bwrap mounts in order): a checkout or venv under
+        # /tmp must stay visible, e.g. a CI clone in /tmp/ci.
         for path in read_only_paths():
             args += ["--ro-bind", path, path]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                 "--bind", self.workdir, self.workdir, "--chdir", "/",
+        args += ["--bind", self.workdir, self.workdir, "--chdir", "/",
                  "--info-fd", str(info_fd), "--"]
         return args
 
