@@ -46,3 +46,29 @@ def check_listen_args(args: argparse.Namespace) -> None:
     """Exactly one of ``--socket`` and ``--fd``."""
     if bool(args.socket) == (args.fd is not None):
         raise UsageError("give exactly one of --socket PATH or --fd N")
+
+
+def drop_privileges(*on_error: Callable[[], object]) -> None:
+    """``sandbox.drop_privileges`` before the backend's first thread; on failure
+    run *on_error* (close what is open) and fail as a usage error."""
+    from . import sandbox
+
+    try:
+        sandbox.drop_privileges()
+    except sandbox.SandboxError as exc:
+        for close in on_error:
+            close()
+        raise UsageError(str(exc)) from None
+
+
+def confine(policy: str, enabled: bool, *on_error: Callable[[], object]) -> None:
+    """Start-up is over: load the backend's seccomp allow-list (``--no-seccomp``:
+    *enabled* false); on failure run *on_error* and fail as a usage error."""
+    from . import sandbox
+
+    try:
+        sandbox.confine(policy, enabled)
+    except sandbox.SandboxError as exc:
+        for close in on_error:
+            close()
+        raise UsageError(str(exc)) from None

@@ -19,7 +19,13 @@ from dataclasses import asdict
 from typing import Any
 
 from dvmm_shared import backend_args, sandbox, sandbox_fds
-from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
+from dvmm_shared.backend_args import (
+    add_common_tail,
+    add_listen_args,
+    check_listen_args,
+    confine,
+    drop_privileges,
+)
 from dvmm_shared.cli import (
     UsageError,
     one_line,
@@ -111,11 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--io-threads must be 1..{MAX_THREADS}, not {args.io_threads}")
     setup_logging("dvmm-blk", args.verbose, args.quiet)
     raw = open_disk(args.image, args.format, args.read_only)
-    try:
-        sandbox.drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
-    except sandbox.SandboxError as exc:
-        raw.close()
-        raise UsageError(str(exc)) from None
+    drop_privileges(raw.close)  # before the first thread (see dvmm_shared.sandbox)
     if lifeline is not None:
         sandbox_fds.watch_lifeline(lifeline)
     # Error injection only where someone can arm it: the plain data path stays as it was.
@@ -138,13 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
         sandbox_hostile.install(control, daemon)
     daemon.install_signal_handlers()
-    try:  # start-up is over: the seccomp allow-list from here on
-        sandbox.confine("blk", args.seccomp)
-    except sandbox.SandboxError as exc:
-        if control is not None:
-            control.close()
-        daemon.close()
-        raise UsageError(str(exc)) from None
+    confine("blk", args.seccomp, *([control.close] if control else []), daemon.close)
     log.info("serving %s (%s, %d bytes%s, %d queue%s, %s engine)", args.image,
              getattr(raw, "format_name", "raw"), disk.size,
              ", read-only" if disk.read_only else "", args.queues,

@@ -23,7 +23,13 @@ import threading
 from collections.abc import Callable
 
 from dvmm_shared import backend_args, sandbox
-from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
+from dvmm_shared.backend_args import (
+    add_common_tail,
+    add_listen_args,
+    check_listen_args,
+    confine,
+    drop_privileges,
+)
 from dvmm_shared.cli import (
     UsageError,
     one_line,
@@ -156,10 +162,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = check_args(args)
     setup_logging("dvmm-display", args.verbose, args.quiet)
     password = read_password(args.password_file) if args.password_file else None
-    try:
-        sandbox.drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
-    except sandbox.SandboxError as exc:
-        raise UsageError(str(exc)) from None
+    drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
     device = GpuDevice(size=parse_size(args.size))
     scanout = ScanoutSource(device.memory)
     # virtio-gpu's scanout once a driver sets one; ramfb (firmware) before that
@@ -193,16 +196,8 @@ def run(args: argparse.Namespace) -> int:
     daemon.install_signal_handlers()
     server.start()
     inputs.start()
-    try:  # start-up is over: the seccomp allow-list from here on
-        sandbox.confine("display", args.seccomp)
-    except sandbox.SandboxError as exc:
-        if control is not None:
-            control.close()
-        server.stop()
-        inputs.stop()
-        forwarder.close()
-        daemon.close()
-        raise UsageError(str(exc)) from None
+    confine("display", args.seccomp, *([control.close] if control else []), server.stop,
+            inputs.stop, forwarder.close, daemon.close)
     vhost, vport = server.address
     log.info("VNC server on %s:%d%s", vhost, vport, " (password required)" if password else "")
     try:

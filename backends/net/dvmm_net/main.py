@@ -17,7 +17,13 @@ import re
 import sys
 
 from dvmm_shared import backend_args, sandbox, sandbox_fds
-from dvmm_shared.backend_args import add_common_tail, add_listen_args, check_listen_args
+from dvmm_shared.backend_args import (
+    add_common_tail,
+    add_listen_args,
+    check_listen_args,
+    confine,
+    drop_privileges,
+)
 from dvmm_shared.cli import (
     UsageError,
     one_line,
@@ -149,11 +155,7 @@ def run(args: argparse.Namespace) -> int:
     mac = parse_mac(args.mac)
     setup_logging("dvmm-net", args.verbose, args.quiet)
     link = open_link(args, queues)
-    try:
-        sandbox.drop_privileges()  # before the first thread (see dvmm_shared.sandbox)
-    except sandbox.SandboxError as exc:
-        link.close()
-        raise UsageError(str(exc)) from None
+    drop_privileges(link.close)  # before the first thread (see dvmm_shared.sandbox)
     if lifeline is not None:
         sandbox_fds.watch_lifeline(lifeline)
     device = NetDevice(link, mac=mac, mtu=args.mtu, queue_pairs=queues,
@@ -169,13 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
         sandbox_hostile.install(control, daemon)
     daemon.install_signal_handlers()
-    try:  # start-up is over: the seccomp allow-list from here on
-        sandbox.confine("net", args.seccomp)
-    except sandbox.SandboxError as exc:
-        if control is not None:
-            control.close()
-        daemon.close()
-        raise UsageError(str(exc)) from None
+    confine("net", args.seccomp, *([control.close] if control else []), daemon.close)
     log.info("serving %s as %s (%d queue pair%s, mtu %s)", link.description, args.mac.lower(),
              queues, "s" if queues > 1 else "", args.mtu or "not advertised")
     try:
