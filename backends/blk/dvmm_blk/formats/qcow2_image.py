@@ -24,6 +24,7 @@ qemu does for an image left dirty.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import threading
@@ -58,6 +59,7 @@ from .qcow2_tables import (
 if TYPE_CHECKING:
     from .qcow2_write import Qcow2Writer
 
+log = logging.getLogger("dvmm.blk")
 _NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | L2_RESERVED
 
 #: How an L2 entry reads (``classify``).
@@ -325,13 +327,20 @@ class Qcow2Image(BlockImage):
             self.file.flush()
 
     def close(self) -> None:
+        """Give back reserved clusters and clear the dirty bit; an image
+        whose metadata turned out bad, or a failing disk, stays dirty."""
         with self.lock:
-            if self.file.fd >= 0 and self._writer is not None:
-                self._writer.alloc.release()
-            if self.file.fd >= 0 and self._set_dirty:
-                self.set_incompatible(self.header.incompatible & ~INCOMPAT_DIRTY)
-                self._set_dirty = False
-            super().close()
+            try:
+                if self.file.fd >= 0 and self._writer is not None \
+                        and self._writer.broken is None:
+                    self._writer.alloc.release()
+                    if self._set_dirty:
+                        self.set_incompatible(self.header.incompatible & ~INCOMPAT_DIRTY)
+                        self._set_dirty = False
+            except (ImageError, OSError) as exc:
+                log.warning("%s left marked dirty: %s", self.path, exc)
+            finally:
+                super().close()
 
 
 def _joins(run: Extent, ext: Extent) -> bool:
