@@ -111,6 +111,9 @@ class BlkDevice(VhostUserBackend):
         self.memory_backed = bool(getattr(disk, "memory_backed", False))
         self._native: Callable[[str, int, list[memoryview]], Native | None] | None = getattr(
             disk, "native", None)
+        #: False for an image format (:mod:`.formats`): the dispatcher asks
+        #: for a native call only when the request may start at once.
+        self.native_is_stable = bool(getattr(disk, "native_is_stable", True))
 
     @property
     def num_queues(self) -> int:

@@ -213,6 +213,7 @@ class FaultyDisk:
         self.size = disk.size
         self.read_only = disk.read_only
         self.memory_backed = bool(getattr(disk, "memory_backed", False))
+        self.native_is_stable = bool(getattr(disk, "native_is_stable", True))
         self.injected = 0  # operations failed on purpose, for stats
         self._armed: InjectedError | None = None
         self._lock = threading.Lock()

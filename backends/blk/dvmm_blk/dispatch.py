@@ -76,6 +76,9 @@ class RequestServer(Protocol):
     def operation(self, req: BlkRequest) -> tuple[Callable[..., Any], tuple[Any, ...]] | int: ...
     def read_cached(self, req: BlkRequest) -> bool: ...
     def native(self, req: BlkRequest) -> tuple[str, int, int, list[memoryview]] | None: ...
+    #: Whether ``native`` may be asked before the request's turn (a raw
+    #: file: the call never changes; a format: its mapping may).
+    native_is_stable: bool
     def account(self, req: BlkRequest) -> None: ...
     def failed(self, req: BlkRequest, exc: OSError) -> int: ...
 
@@ -177,7 +180,8 @@ class Dispatcher:
             return ok_written if op == VirtioBlkStatus.OK else 1
         p = Pending(req, status, ok_written, lo=lo, hi=hi, writes=writes)
         job = Job(op[0], op[1], index, head, p)
-        if self.engine.wants_native:
+        native = self.engine.wants_native
+        if native and (device.native_is_stable or isinstance(req, Flush)):
             job.native = device.native(req)
         self._busy += 1
         self.outstanding[index] = self.outstanding.get(index, 0) + 1
@@ -186,6 +190,11 @@ class Dispatcher:
         elif isinstance(req, Flush) and not self.flushes.flush(job):
             return None
         if self.overlaps.admit(p, job):
+            if native and job.native is None and not isinstance(req, Flush):
+                # An image format maps offsets to file extents: take the
+                # mapping now, when nothing issued earlier overlaps (a
+                # request held back runs through job.fn, which maps then).
+                job.native = device.native(req)
             if self._pass is not None:
                 self._pass.append(job)
             else:

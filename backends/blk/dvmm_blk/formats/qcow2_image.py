@@ -256,6 +256,24 @@ class Qcow2Image(BlockImage):
             return
         super().read(offset, bufs)
 
+    #: The file extent of a request changes when the guest discards or
+    #: rewrites its cluster: ask :meth:`native` only when it may start now.
+    native_is_stable = False
+
+    def native(self, op: str, offset: int, bufs: list[memoryview]
+               ) -> tuple[str, int, int, list[memoryview]] | None:
+        """A read, an in-place write or a flush as one system call an engine
+        can make itself (io_uring); None when the format has work to do."""
+        if op == "flush":
+            return op, self.file.fd, 0, []
+        bufs = [b for b in bufs if len(b)]
+        if len(bufs) > IOV_MAX or (op == "write" and (
+                self._writer is None or self._writer.broken is not None)):
+            return None
+        host = self.single_cluster(offset, sum(map(len, bufs)),
+                                   OFLAG_COPIED if op == "write" else 0)
+        return (op, self.file.fd, host, bufs) if host >= 0 else None
+
     def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
         """A read inside one data cluster, if the page cache holds it
         (``RWF_NOWAIT``, :class:`dvmm_blk.disk.CachedReads`); False: the
