@@ -37,6 +37,7 @@ from .workload import GuestView, check_writes, data_digest
 
 RECOVERY_TIMEOUT = 20.0   # no recovery this long: the injection failed, a new VM goes on
 MAX_VMS = 25
+SURFACE_WAIT = 2.0        # seconds for the guest's error line after a surfacing fault
 
 
 @dataclass
@@ -108,6 +109,15 @@ def _judge(inj: Injection, sc: Scenario, vm: ChaosVm, before: GuestView,
     inj.note = " ".join(filter(None, [inj.note, f"rss {rss}"]))
 
 
+def _await_report(vm: ChaosVm, before: GuestView) -> None:
+    """The guest prints its error line after the failed completion, and the
+    first completion after the fault may be that one: give the line a moment
+    (bounded), so it counts for this injection, not the next."""
+    deadline = time.monotonic() + SURFACE_WAIT
+    while vm.serial.view().read_errors == before.read_errors and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def run_one(vm: ChaosVm, sc: Scenario, p: Planned, t0: float) -> Injection:
     inj = Injection(p, started=time.monotonic() - t0)
     before = vm.serial.view()
@@ -116,6 +126,8 @@ def run_one(vm: ChaosVm, sc: Scenario, p: Planned, t0: float) -> Injection:
         applied = inject(vm, p)
         inj.note = applied.note
         recovered = _recover(vm, applied.lifted, FAULTS[p.fault].restores)
+        if FAULTS[p.fault].surfaces:
+            _await_report(vm, before)
     except VmError as exc:
         inj.note, recovered = str(exc).splitlines()[0], None
     _judge(inj, sc, vm, before, recovered)
