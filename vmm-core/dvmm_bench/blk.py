@@ -63,6 +63,7 @@ from .report import (
     load_line,
     machine_line,
     median,
+    process_cpu_seconds,
     progress_printer,
     table,
 )
@@ -319,8 +320,7 @@ class Backend:
     process: psutil.Process
 
     def cpu(self) -> float:
-        t = self.process.cpu_times()
-        return float(t.user + t.system)
+        return process_cpu_seconds(self.process)
 
 
 @contextmanager

@@ -55,6 +55,7 @@ from .report import (
     load_line,
     machine_line,
     median,
+    process_cpu_seconds,
     progress_printer,
     table,
 )
@@ -361,8 +362,7 @@ class Backend:
     process: psutil.Process  # ``ip netns exec`` execs the backend in place
 
     def cpu(self) -> float:
-        t = self.process.cpu_times()
-        return float(t.user + t.system)
+        return process_cpu_seconds(self.process)
 
 
 @contextmanager

@@ -24,7 +24,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psutil
 
 HIGHER, LOWER = "higher", "lower"
 TABLE_HEADER = ("group", "workload", "metric", "dvmm", "peer", "dvmm/peer", "better")
@@ -253,6 +256,28 @@ def load_line() -> str:
 
 
 # --- child processes: dvmm_shared.procs (spawn, stop, log_tail) -------------------------
+
+
+def process_cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds of *proc*, all its threads.
+
+    ``cpu_times`` counts in clock ticks (10 ms here), so a short run of an
+    idle-ish backend can read 0; the scheduler's per-thread run time
+    (``/proc/PID/task/TID/schedstat``, nanoseconds) is exact but forgets
+    threads that ended.  The larger of the two is the better reading."""
+    t = proc.cpu_times()
+    ticks = float(t.user + t.system)
+    exact = 0
+    try:
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{tid}/schedstat") as f:
+                    exact += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue  # a thread that just ended
+    except FileNotFoundError:
+        return ticks
+    return max(ticks, exact / 1e9)
 
 
 def median(values: Iterable[float]) -> float:
