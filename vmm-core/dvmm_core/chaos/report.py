@@ -11,6 +11,7 @@ for ``dvmm chaos replay``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -90,10 +91,9 @@ def summary_md(data: dict[str, Any]) -> str:
 
 def timeline(data: dict[str, Any], path: Path) -> str | None:
     """Draw the PNG; the reason when it cannot be drawn."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # imported by name: matplotlib is optional, and mypy must pass without it
+        importlib.import_module("matplotlib").use("Agg")
+        plt: Any = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib): no timeline.png"
     names = list(FAULTS)
