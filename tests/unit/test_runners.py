@@ -105,8 +105,15 @@ def test_bwrap_sandbox_sees_only_system_dirs_and_its_own_directory(tmp_path: Pat
     assert seen["pid"] == 2  # bwrap's init is 1 (see runners_bwrap)
     assert not seen["home"] and not seen["run"] and not seen["etc_passwd"]
     assert isinstance(seen["root"], list)
+    # System directories, plus the first component of each path the runner binds
+    # read-only (the venv and dvmm's source: /work, /check, /tmp … wherever the
+    # checkout lies) and of the backend's own directory.
+    from dvmm_core.runners_bwrap import read_only_paths
+
+    own = {p.split("/")[1] for p in [*read_only_paths(), str(tmp_path)]}
     assert set(seen["root"]) <= {"usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev",
-                                 "tmp", "root", "work", "opt", "home"}
+                                 "tmp"} | own
+    assert not {"home", "root", "var", "srv", "mnt", "boot"} & (set(seen["root"]) - own)
     assert seen["ifaces"] == ["lo"]  # a network namespace of its own
     assert int(str(seen["caps"]), 16) == 0
 
