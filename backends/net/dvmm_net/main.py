@@ -36,6 +36,7 @@ from dvmm_shared.vhost_user.control_host import start_control
 from dvmm_shared.vhost_user.daemon import Daemon
 
 from .device import MAX_MTU, MIN_MTU, NetDevice
+from .faults import FaultyLink, NetFaults
 from .link import Link, LinkError
 from .peer import PeerLink
 from .tap import TapLink
@@ -158,14 +159,15 @@ def run(args: argparse.Namespace) -> int:
     drop_privileges(link.close)  # before the first thread (see dvmm_shared.sandbox)
     if lifeline is not None:
         sandbox_fds.watch_lifeline(lifeline)
-    device = NetDevice(link, mac=mac, mtu=args.mtu, queue_pairs=queues,
+    faults = NetFaults()
+    device = NetDevice(FaultyLink(link, faults), mac=mac, mtu=args.mtu, queue_pairs=queues,
                        config_space=not args.no_config_space)
     try:
         daemon = Daemon.listening(device, args.socket, args.fd)
     except OSError as exc:
         link.close()
         raise UsageError(f"cannot listen on {args.socket or args.fd}: {one_line(exc)}") from None
-    control = serve_commands(args.control, daemon, device) if args.control else None
+    control = serve_commands(args.control, daemon, device, faults) if args.control else None
     if control is not None and args.test_hooks:
         from dvmm_shared import sandbox_hostile
 
@@ -183,10 +185,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_commands(endpoint: str, daemon: Daemon, device: NetDevice) -> CommandServer:
-    """The ``--control`` endpoint: health, stats (with the net counters), faults."""
+def serve_commands(endpoint: str, daemon: Daemon, device: NetDevice,
+                   faults: NetFaults | None = None) -> CommandServer:
+    """The ``--control`` endpoint: health, stats (with the net counters), faults
+    (the frame faults of :mod:`.faults` among them)."""
     try:
-        return start_control(daemon, endpoint, lambda: device.stats().as_dict())
+        return start_control(daemon, endpoint, lambda: device.stats().as_dict(),
+                             device_faults=faults)
     except ControlError as exc:
         daemon.close()
         raise UsageError(str(exc)) from None

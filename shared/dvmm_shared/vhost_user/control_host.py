@@ -10,7 +10,8 @@ Owns the commands every backend answers over the control plane
 * ``fault`` — ``kind`` is one of :data:`FAULT_KINDS`.  Process- and
   protocol-level faults go to the daemon's hooks (``service_delay``,
   ``crash_point``, ``drop_frontend`` through ``call_soon``), I/O errors to the
-  device's :class:`FaultApplier` (blk's :class:`dvmm_blk.disk.FaultyDisk`).
+  device's :class:`FaultApplier` (blk's :class:`dvmm_blk.disk.FaultyDisk`);
+  kinds a device adds itself (net's frame faults) to its :class:`DeviceFaults`.
 
 Commands run on the control thread, not the daemon's loop: they only read
 counters, set plain attributes the loop reads, or hand work to the loop with
@@ -50,6 +51,20 @@ class FaultApplier(Protocol):
         """The armed error (errno name, ops, remaining count), or None."""
 
 
+class DeviceFaults(Protocol):
+    """Fault kinds a device adds to ``fault`` (net: frames dropped, duplicated ...)."""
+
+    kinds: tuple[str, ...]
+
+    def apply(self, kind: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Arm ``kind`` with the request's arguments (ControlError if bad); the reply."""
+
+    def clear(self) -> None: ...
+
+    def describe(self) -> dict[str, Any] | None:
+        """The armed device faults, or None."""
+
+
 def add_control_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", metavar="ENDPOINT",
                         help="serve health/stats/shutdown/fault commands on this ZeroMQ "
@@ -57,21 +72,23 @@ def add_control_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def start_control(daemon: Daemon, endpoint: str, device_stats: DeviceStats | None = None,
-                  faults: FaultApplier | None = None) -> CommandServer:
+                  faults: FaultApplier | None = None,
+                  device_faults: DeviceFaults | None = None) -> CommandServer:
     """Bind ``endpoint`` and serve the backend commands on their own thread.
 
     Raises :class:`ControlError` when the endpoint cannot be bound."""
-    return BackendControl(daemon, endpoint, device_stats, faults).server
+    return BackendControl(daemon, endpoint, device_stats, faults, device_faults).server
 
 
 class BackendControl:
     """The command handlers of one backend process."""
 
     def __init__(self, daemon: Daemon, endpoint: str, device_stats: DeviceStats | None,
-                 faults: FaultApplier | None) -> None:
+                 faults: FaultApplier | None, device_faults: DeviceFaults | None = None) -> None:
         self.daemon = daemon
         self.device_stats = device_stats
         self.faults = faults
+        self.device_faults = device_faults
         self.started = psutil.Process().create_time()
         self.server = CommandServer(endpoint, {
             "health": self.health, "stats": self.stats,
@@ -99,9 +116,12 @@ class BackendControl:
         }
 
     def _armed(self) -> dict[str, Any]:
-        return {"delay_ms": round(self.daemon.service_delay * 1000),
-                "crash_point": self.daemon.crash_point,
-                "error": self.faults.describe() if self.faults is not None else None}
+        armed = {"delay_ms": round(self.daemon.service_delay * 1000),
+                 "crash_point": self.daemon.crash_point,
+                 "error": self.faults.describe() if self.faults is not None else None}
+        if self.device_faults is not None:
+            armed["device"] = self.device_faults.describe()
+        return armed
 
     def shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
         self.server.exit_after_reply(self.daemon.stop)
@@ -114,8 +134,13 @@ class BackendControl:
             "close-socket": self._close_socket, "crash-at": self._crash_at,
             "clear": self._clear,
         }.get(kind if isinstance(kind, str) else "")
+        extra = self.device_faults
+        if handler is None and extra is not None and kind in extra.kinds:
+            assert isinstance(kind, str)
+            return {"kind": kind, **extra.apply(kind, req)}
         if handler is None:
-            raise ControlError(f"fault kind must be one of {', '.join(FAULT_KINDS)}")
+            kinds = FAULT_KINDS + (extra.kinds if extra is not None else ())
+            raise ControlError(f"fault kind must be one of {', '.join(kinds)}")
         return {"kind": kind, **handler(req)}
 
     def _kill(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +187,8 @@ class BackendControl:
     def _clear(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.faults is not None:
             self.faults.clear()
+        if self.device_faults is not None:
+            self.device_faults.clear()
         self.daemon.service_delay = 0.0
         self.daemon.crash_point = None
         return {}

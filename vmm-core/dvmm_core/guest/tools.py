@@ -3,7 +3,9 @@
 Owns compiling them (``gcc -static``) into the initramfs root.  Today:
 ``blkzero`` (BLKZEROOUT, i.e. virtio-blk WRITE_ZEROES from the guest) and
 ``blkverify`` (writes, flushes and re-reads numbered, checksummed blocks with
-O_DIRECT from several threads: the crash-recovery tests' workload).
+O_DIRECT from several threads: the crash-recovery tests' workload) and
+``netverify`` (a sequenced, checksummed TCP stream both ways: the chaos
+campaigns' net workload).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from .debian import GuestBuildError
 
-TOOLS = {"blkzero": "blkzero.c", "blkverify": "blkverify.c"}
+TOOLS = {"blkzero": "blkzero.c", "blkverify": "blkverify.c", "netverify": "netverify.c"}
 
 
 def sources() -> list[bytes]:
