@@ -38,7 +38,7 @@ def test_summary_table_per_fault_type(tmp_path: Path) -> None:
     assert by["eio"]["surfaced"] == 1 and by["hang"]["failed"] == 1
     assert by["hang"]["p50_ms"] is None
     text = (tmp_path / "summary.md").read_text()
-    assert "| sigkill | 2 | 2 | 0 | 0 | 50.0 | 70.0 |" in text
+    assert "| sigkill | process | 2 | 2 | 0 | 0 | 50.0 | 70.0 |" in text
     assert "#3 hang: recovery_bound" in text and text == summary_md(data)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert [i["fault"] for i in saved["injections"]] == ["sigkill", "sigkill", "eio", "hang"]

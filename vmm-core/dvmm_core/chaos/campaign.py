@@ -1,24 +1,25 @@
-"""Running a campaign: the schedule against one VM, the invariants after each fault.
+"""Running a campaign: each phase's schedule against its VM, the invariants after each fault.
 
 Owns the loop (wait for the planned time, inject, wait for recovery,
 check) and the verdict of each injection.  Recovery is the first guest
-request completed after the fault was lifted (``used_idx`` in the core's
-in-flight region moves) — and, for the faults that lose the backend's
-connection, after the core published ``device-restored``.  Invariants,
-after every injection:
+request the fault's target completed after the fault was lifted (its
+``completions`` counter moves: the disk's used index, the net stream's
+verified records, the display's frames) — and, for the faults that lose
+the backend's connection, after the frontend restored the link
+(``device-restored``).  Invariants, after every injection:
 
-* ``vm_alive`` — the core process runs;
-* ``oracle`` — the guest program reports no read that differs from its
-  first one (no acknowledged data altered) and is still running;
-* ``errors_allowed`` — a guest read error appeared only for a fault whose
-  model lets it surface (EIO), and at most as many as were armed;
-* ``recovery_bound`` — recovered within the scenario's bound;
-* ``rss_bounded`` — the core's and the backend's RSS under the bound.
+* ``vm_alive`` — the frontend process (core or QEMU) runs;
+* ``oracle`` — the workloads report no acknowledged data altered or lost,
+  still run, and the target's own oracle holds (display: a VNC capture
+  equals the framebuffer in guest RAM);
+* ``errors_allowed`` — a guest I/O error appeared only on the target of a
+  fault whose model lets it surface (EIO, ENOSPC), at most as many as armed;
+* ``recovery_bound`` — recovered within the phase's bound;
+* ``rss_bounded`` — the frontend's and every backend's RSS under the bound.
 
 Outcome: ``failed`` if any invariant broke, else ``surfaced`` if the guest
-saw the error, else ``recovered``.  At the end, once the VM stopped, the
-image must pass the workload's check (:mod:`.workload`; ``final`` checks
-in the report).
+saw the error, else ``recovered``.  At the end of each phase, once its VM
+stopped, the VM's final checks run (images intact, ``qemu-img check``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dvmm_shared.control import ControlError
+
 from .faults import inject
-from .scenario import FAULTS, Scenario
-from .schedule import Planned, for_scenario
-from .vm import ChaosVm, VmError
-from .workload import GuestView, check_writes, data_digest
+from .scenario import FAULTS, Campaign, Scenario
+from .schedule import Planned, for_campaign
+from .vmbase import ChaosVmKind, View, VmError
 
 RECOVERY_TIMEOUT = 20.0   # no recovery this long: the injection failed, a new VM goes on
 MAX_VMS = 25
@@ -57,7 +59,7 @@ class Injection:
 
 @dataclass
 class Result:
-    scenario: Scenario
+    scenario: Campaign
     injections: list[Injection]
     final: dict[str, bool]
     wall_s: float
@@ -65,20 +67,26 @@ class Result:
     vm_restarts: list[str] = field(default_factory=list)
 
 
-def _recover(vm: ChaosVm, lifted: float, wants_restore: bool) -> float | None:
-    """Seconds from ``lifted`` to the first completion after it (None: timed out)."""
+def _recover(vm: ChaosVmKind, target: str, lifted: float, wants_restore: bool,
+             early: list[dict[str, Any]]) -> float | None:
+    """Seconds from ``lifted`` to ``target``'s first completion after it (None:
+    timed out).  ``early``: events the injector already took from the stream."""
     wall_lifted = time.time() - (time.monotonic() - lifted)
-    base = vm.used()
+    base = vm.completions(target)
     restored = not wants_restore
     changed: float | None = None
     deadline = lifted + RECOVERY_TIMEOUT
+    pending = list(early)
     while time.monotonic() < deadline:
-        for ev in vm.poll_events():
+        for ev in [*pending, *vm.poll_events()]:
+            if ev.get("name") != target:
+                continue
             if ev.get("event") == "backend-exited":
-                base, changed = vm.used(), None   # what a dying backend finished does not count
+                base, changed = vm.completions(target), None  # a dying backend's work
             if ev.get("event") == "device-restored" and float(ev.get("ts", 0)) >= wall_lifted:
                 restored = True
-        if changed is None and vm.used() != base:
+        pending = []
+        if changed is None and vm.completions(target) != base:
             changed = time.monotonic()
         if changed is not None and restored:
             return changed - lifted
@@ -87,51 +95,69 @@ def _recover(vm: ChaosVm, lifted: float, wants_restore: bool) -> float | None:
     return None
 
 
-def _judge(inj: Injection, sc: Scenario, vm: ChaosVm, before: GuestView,
+def _judge(inj: Injection, sc: Scenario, vm: ChaosVmKind, before: View,
            recovered: float | None) -> None:
-    after = vm.serial.view()
-    allowed = FAULTS[inj.planned.fault].surfaces
-    new_errors = after.read_errors - before.read_errors
+    p = inj.planned
+    after = vm.view()
+    allowed = FAULTS[p.fault].surfaces
+    new = {t: n - before.errors.get(t, 0) for t, n in after.errors.items()}
+    mine, others = new.get(p.target, 0), sum(n for t, n in new.items() if t != p.target)
+    broken = vm.oracle(p.target) if recovered is not None else None
     rss = vm.rss_mb()
     inj.recovery_ms = None if recovered is None else round(recovered * 1000, 1)
     inj.invariants = {
         "vm_alive": vm.alive(),
-        "oracle": after.mismatches == 0 and after.stopped is None,
-        "errors_allowed": new_errors == 0 or (allowed and new_errors <= int(
-            inj.planned.arg.get("count", 1))),
+        "oracle": after.mismatches == before.mismatches and after.stopped is None
+        and broken is None,
+        "errors_allowed": others == 0 and (mine == 0 or (allowed and mine <= int(
+            p.arg.get("count", 1)))),
         "recovery_bound": recovered is not None and recovered * 1000 <= sc.recovery_bound_ms,
         "rss_bounded": bool(rss) and max(rss.values()) <= sc.rss_bound_mb,
     }
     if not all(inj.invariants.values()):
         inj.outcome = "failed"
     else:
-        inj.outcome = "surfaced" if new_errors else "recovered"
-    inj.note = " ".join(filter(None, [inj.note, f"rss {rss}"]))
+        inj.outcome = "surfaced" if mine else "recovered"
+    inj.note = " ".join(filter(None, [inj.note, broken or "", f"rss {rss}"]))
 
 
-def _await_report(vm: ChaosVm, before: GuestView) -> None:
+def _await_report(vm: ChaosVmKind, target: str, before: View) -> None:
     """The guest prints its error line after the failed completion, and the
     first completion after the fault may be that one: give the line a moment
     (bounded), so it counts for this injection, not the next."""
     deadline = time.monotonic() + SURFACE_WAIT
-    while vm.serial.view().read_errors == before.read_errors and time.monotonic() < deadline:
+    while vm.view().errors.get(target, 0) == before.errors.get(target, 0) \
+            and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
-def run_one(vm: ChaosVm, sc: Scenario, p: Planned, t0: float) -> Injection:
+def run_one(vm: ChaosVmKind, sc: Scenario, p: Planned, t0: float) -> Injection:
     inj = Injection(p, started=time.monotonic() - t0)
-    before = vm.serial.view()
+    before = vm.view()
     vm.poll_events()
     try:
         applied = inject(vm, p)
         inj.note = applied.note
-        recovered = _recover(vm, applied.lifted, FAULTS[p.fault].restores)
+        recovered = _recover(vm, p.target, applied.lifted, FAULTS[p.fault].restores,
+                             applied.events)
         if FAULTS[p.fault].surfaces:
-            _await_report(vm, before)
-    except VmError as exc:
+            _await_report(vm, p.target, before)
+    except (VmError, ControlError) as exc:
         inj.note, recovered = str(exc).splitlines()[0], None
     _judge(inj, sc, vm, before, recovered)
     return inj
+
+
+def make_vm(sc: Scenario, work: Path) -> ChaosVmKind:
+    """The VM of a phase (not started)."""
+    if sc.vm == "qemu":
+        from .vm_qemu import QemuChaosVm
+
+        return QemuChaosVm(work, sc.seed, set(sc.workloads))
+    from .vm import ChaosVm
+
+    blk = next(w for w in sc.workloads if w in ("blk", "blk-write"))
+    return ChaosVm(work, sc.seed, blk, display="display" in sc.workloads, runner=sc.runner)
 
 
 def _one_vm(sc: Scenario, work: Path, pending: list[Planned], start: float,
@@ -142,9 +168,10 @@ def _one_vm(sc: Scenario, work: Path, pending: list[Planned], start: float,
     out: list[Injection] = []
     broken = None
     work.mkdir(parents=True, exist_ok=True)
-    with ChaosVm(work, sc.seed, sc.workload) as vm:
-        progress(f"VM up after {time.monotonic() - start:.1f} s; {len(pending)} injections "
-                 "to go")
+    vm = make_vm(sc, work)
+    with vm:
+        progress(f"{sc.name}: {sc.vm} VM up after {time.monotonic() - start:.1f} s; "
+                 f"{len(pending)} injections to go")
         t0 = time.monotonic() - (pending[0].time - sc.min_gap)  # keep the planned spacing
         for p in pending:
             while (left := t0 + p.time - time.monotonic()) > 0:
@@ -152,39 +179,31 @@ def _one_vm(sc: Scenario, work: Path, pending: list[Planned], start: float,
                 time.sleep(min(left, 0.05))
             inj = run_one(vm, sc, p, start)
             out.append(inj)
-            progress(f"#{p.index} t={p.time:.1f}s {p.fault} {p.arg or ''} -> {inj.outcome} "
-                     f"({inj.recovery_ms} ms)")
+            progress(f"#{p.index} t={p.time:.1f}s {p.fault} {p.target} {p.arg or ''} -> "
+                     f"{inj.outcome} ({inj.recovery_ms} ms)")
             if not vm.alive() or inj.recovery_ms is None:
-                broken = f"injection {p.index} ({p.fault}) not recovered: " \
+                broken = f"injection {p.index} ({p.fault} {p.target}) not recovered: " \
                          f"{inj.note or inj.outcome}"
                 break
-        view = vm.serial.view()
+        view = vm.view()
         final = {"vm_alive": vm.alive() or broken is not None,
                  "oracle": view.mismatches == 0 and view.stopped is None,
-                 "guest_progress": view.progress > 0}
-    if sc.workload == "blk-write":  # the VM has stopped: the image is final
-        final["image_writes"] = check_writes(vm.disk, view.progress) is None
-    else:
-        final["image_unchanged"] = data_digest(vm.disk) == vm.digest
+                 "guest_progress": all(n > 0 for n in view.progress.values())}
+    final.update(vm.final())  # the VM has stopped: its images are final
     return out, final, broken
 
 
-def run(sc: Scenario, work: Path, progress: Callable[[str], None]) -> Result:
-    """The whole campaign in ``work`` (each VM's files in ``work/vmN``).
-
-    An injection the VM does not recover from is recorded as failed, and a
-    fresh VM continues the schedule (at most :data:`MAX_VMS`), so one
-    broken invariant does not hide what the rest of the campaign finds."""
-    pending = for_scenario(sc)
+def _phase(sc: Scenario, work: Path, pending: list[Planned], start: float,
+           progress: Callable[[str], None]) -> tuple[list[Injection], dict[str, bool],
+                                                      list[str], str | None]:
+    """One phase; a fresh VM continues the schedule after one that broke."""
     injections: list[Injection] = []
     final: dict[str, bool] = {}
     restarts: list[str] = []
-    stopped = None
-    start = time.monotonic()
     while pending:
         if len(restarts) >= MAX_VMS:
-            stopped = f"{MAX_VMS} VMs broken; {len(pending)} injections not run"
-            break
+            return injections, final, restarts, \
+                f"{MAX_VMS} VMs broken; {len(pending)} injections not run"
         done, fin, broken = _one_vm(sc, work / f"vm{len(restarts) + 1}", pending, start,
                                     progress)
         injections += done
@@ -193,4 +212,30 @@ def run(sc: Scenario, work: Path, progress: Callable[[str], None]) -> Result:
         if broken:
             restarts.append(broken)
             progress(f"{broken}; a new VM continues the schedule")
-    return Result(sc, injections, final, time.monotonic() - start, stopped, restarts)
+    return injections, final, restarts, None
+
+
+def run(c: Campaign, work: Path, progress: Callable[[str], None]) -> Result:
+    """The whole campaign in ``work`` (each VM's files in ``work/PHASE/vmN``).
+
+    An injection the VM does not recover from is recorded as failed, and a
+    fresh VM continues the schedule (at most :data:`MAX_VMS` per phase), so
+    one broken invariant does not hide what the rest of the campaign finds."""
+    schedule = for_campaign(c)
+    injections: list[Injection] = []
+    final: dict[str, bool] = {}
+    restarts: list[str] = []
+    stopped = None
+    start = time.monotonic()
+    for i, sc in enumerate(c.phases):
+        pending = [p for p in schedule if p.phase == i]
+        if not pending:
+            continue
+        done, fin, rs, stop = _phase(sc, work / f"{i}-{sc.name}", pending, start, progress)
+        injections += done
+        final.update({f"{sc.name}:{k}": v for k, v in fin.items()})
+        restarts += rs
+        if stop:
+            stopped = f"phase {sc.name}: {stop}"
+            break
+    return Result(c, injections, final, time.monotonic() - start, stopped, restarts)

@@ -1,4 +1,4 @@
-"""Carrying out one planned fault on a running :class:`~.vm.ChaosVm`.
+"""Carrying out one planned fault on a running VM (:class:`.vmbase.ChaosVmKind`).
 
 Owns how each fault type of :data:`.scenario.FAULTS` reaches dvmm — only
 through its own interfaces, the ones ``dvmm fault`` uses: process faults
@@ -10,18 +10,26 @@ For a kill, a clean restart, a hang and a closed socket that is when the action 
 crash at a point, the core's ``backend-exited`` event (the crash happens at
 the backend's next request); for EIO, when the armed error is consumed; for
 latency and a memory limit, when the delay or limit is switched off again.
+The other families — block engine and channel (:mod:`.faults_io`), network
+(:mod:`.faults_net`), container and cgroup (:mod:`.faults_container`) —
+follow the same rule; :func:`injectors` gathers them all.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
 
 import psutil
 
 from .schedule import Planned
-from .vm import ChaosVm, VmError
+from .vmbase import ChaosVmKind, VmError
+
+FAMILIES = ("faults_io", "faults_net", "faults_container")
 
 ARM_TIMEOUT = 30.0   # an armed crash or error the guest's requests never reach
 
@@ -32,73 +40,76 @@ class Applied:
 
     lifted: float
     note: str = ""
+    events: list[dict[str, Any]] = field(default_factory=list)  # seen while injecting
 
 
-def _sigkill(vm: ChaosVm, p: Planned) -> Applied:
-    vm.core_fault("kill")
+def _sigkill(vm: ChaosVmKind, p: Planned) -> Applied:
+    vm.core_fault(p.target, "kill")
     return Applied(time.monotonic())
 
 
-def _restart(vm: ChaosVm, p: Planned) -> Applied:
-    vm.core_fault("restart")
+def _restart(vm: ChaosVmKind, p: Planned) -> Applied:
+    vm.core_fault(p.target, "restart")
     return Applied(time.monotonic())
 
 
-def _hang(vm: ChaosVm, p: Planned) -> Applied:
-    vm.core_fault("stop")
+def _hang(vm: ChaosVmKind, p: Planned) -> Applied:
+    vm.core_fault(p.target, "stop")
     try:
         time.sleep(int(p.arg["ms"]) / 1000)
     finally:
-        vm.core_fault("cont")
+        vm.core_fault(p.target, "cont")
     return Applied(time.monotonic())
 
 
-def _crash_at(vm: ChaosVm, p: Planned) -> Applied:
+def _crash_at(vm: ChaosVmKind, p: Planned) -> Applied:
     armed = time.time()
-    vm.backend_fault(kind="crash-at", point=str(p.arg["point"]))
+    vm.backend_fault(p.target, kind="crash-at", point=str(p.arg["point"]))
 
     def exited() -> bool:
-        vm.poll_events()
-        return any(e.get("event") == "backend-exited" and float(e.get("ts", 0)) >= armed
-                   for e in vm.events)
-    vm.wait("the armed crash", exited, ARM_TIMEOUT)
-    return Applied(time.monotonic(), f"crashed at {p.arg['point']}")
+        return any(e.get("event") == "backend-exited" and e.get("name") == p.target
+                   and float(e.get("ts", 0)) >= armed for e in seen)
+    seen: list[dict[str, Any]] = []
+
+    def exited_now() -> bool:
+        seen.extend(vm.poll_events())
+        return exited()
+    _wait(vm, "the armed crash", exited_now)
+    return Applied(time.monotonic(), f"crashed at {p.arg['point']}", seen)
 
 
-def _eio(vm: ChaosVm, p: Planned) -> Applied:
-    vm.backend_fault(kind="error", errno="EIO", op=str(p.arg["op"]),
+def _eio(vm: ChaosVmKind, p: Planned) -> Applied:
+    vm.backend_fault(p.target, kind="error", errno="EIO", op=str(p.arg["op"]),
                      count=int(p.arg["count"]))
 
     def consumed() -> bool:
-        b = vm.backend()
-        if b["state"] != "running" or not b["control"]:
-            return False
-        from dvmm_shared.control import command
-        return command(b["control"], "stats", timeout=5)["faults"]["error"] is None
-    vm.wait("the armed EIO to be consumed", consumed, ARM_TIMEOUT)
+        return vm.backend_stats(p.target)["faults"]["error"] is None
+    _wait(vm, "the armed EIO to be consumed", consumed)
     return Applied(time.monotonic())
 
 
-def _latency(vm: ChaosVm, p: Planned) -> Applied:
-    vm.backend_fault(kind="delay", ms=int(p.arg["ms"]))
+def _latency(vm: ChaosVmKind, p: Planned) -> Applied:
+    vm.backend_fault(p.target, kind="delay", ms=int(p.arg["ms"]))
     try:
         time.sleep(int(p.arg["hold_ms"]) / 1000)
     finally:
-        vm.backend_fault(kind="delay", ms=0)
+        vm.backend_fault(p.target, kind="delay", ms=0)
     return Applied(time.monotonic())
 
 
-def _close_socket(vm: ChaosVm, p: Planned) -> Applied:
-    vm.backend_fault(kind="close-socket")
+def _close_socket(vm: ChaosVmKind, p: Planned) -> Applied:
+    vm.backend_fault(p.target, kind="close-socket")
     return Applied(time.monotonic())
 
 
-def _memlimit(vm: ChaosVm, p: Planned) -> Applied:
+def _memlimit(vm: ChaosVmKind, p: Planned) -> Applied:
     """RLIMIT_AS (soft) at the backend's current size: a limit reached, not a kill.
     cgroup v2 ``memory.max`` would need the backend in its own cgroup, which the
     plain runner does not make; the hard limit stays, so the soft one can be
     raised again (prlimit(2) on another process: CAP_SYS_RESOURCE or same uid)."""
-    pid = int(vm.backend()["pid"])
+    pid = vm.backend_pid(p.target)
+    if pid is None:
+        raise VmError(f"{p.target} is not running")
     proc = psutil.Process(pid)
     old = proc.rlimit(psutil.RLIMIT_AS)
     proc.rlimit(psutil.RLIMIT_AS, (proc.memory_info().vms, old[1]))
@@ -113,16 +124,42 @@ def _memlimit(vm: ChaosVm, p: Planned) -> Applied:
     return Applied(time.monotonic(), note)
 
 
-INJECT: dict[str, Callable[[ChaosVm, Planned], Applied]] = {
+def _wait(vm: ChaosVmKind, what: str, ready: Callable[[], bool],
+          timeout: float = ARM_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        vm.check()
+        if time.monotonic() > deadline:
+            raise VmError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+Injector = Callable[[ChaosVmKind, Planned], Applied]
+INJECT: dict[str, Injector] = {
     "sigkill": _sigkill, "restart": _restart, "hang": _hang, "crash-at": _crash_at, "eio": _eio,
     "latency": _latency, "close-socket": _close_socket, "memlimit": _memlimit,
 }
 
 
-def inject(vm: ChaosVm, p: Planned) -> Applied:
+@cache
+def injectors() -> dict[str, Injector]:
+    """Every family's injectors (a family not built yet is left out)."""
+    out = dict(INJECT)
+    for name in FAMILIES:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+            continue
+        out.update(module.INJECT)
+    return out
+
+
+def inject(vm: ChaosVmKind, p: Planned) -> Applied:
     """Carry out ``p``; :class:`VmError` if the VM died or never took it."""
     try:
-        action = INJECT[p.fault]
+        action = injectors()[p.fault]
     except KeyError:
         raise VmError(f"no injector for fault type {p.fault!r}") from None
     return action(vm, p)

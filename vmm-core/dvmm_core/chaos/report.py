@@ -1,8 +1,9 @@
 """A campaign's report directory: ``report.json``, ``summary.md``, ``timeline.png``.
 
-Owns the formats: ``report.json`` holds the scenario, the ``injections``
-list (planned time, target, fault, argument, outcome, recovery_ms,
-invariants) and the final checks; ``summary.md`` a table per fault type
+Owns the formats: ``report.json`` holds the scenario (the campaign: name,
+seed, phases), the ``injections`` list (phase, planned time, target, fault,
+argument, outcome, recovery_ms, invariants) and the final checks of each
+phase; ``summary.md`` a table per fault type
 (injections, recovered, surfaced, failed, recovery p50/p99); the timeline is
 drawn with matplotlib when it is installed (an optional dependency: without
 it the PNG is skipped and the reason returned).  Also reads a report back
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .campaign import Result
-from .scenario import FAULTS, Scenario, ScenarioError, from_dict
+from .scenario import FAULTS, Campaign, ScenarioError, from_dict
 from .schedule import Planned, from_dicts
 
 OUTCOMES = ("recovered", "surfaced", "failed")
@@ -35,7 +36,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def to_json(r: Result) -> dict[str, Any]:
-    return {"version": 1, "scenario": r.scenario.to_dict(),
+    return {"version": 2, "scenario": r.scenario.to_dict(),
             "injections": [i.to_dict() for i in r.injections], "final": r.final,
             "wall_s": round(r.wall_s, 1), "stopped_early": r.stopped_early,
             "vm_restarts": r.vm_restarts,
@@ -64,15 +65,21 @@ def rows(injections: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def summary_md(data: dict[str, Any]) -> str:
     sc, injections = data["scenario"], data["injections"]
     lines = [f"# dvmm chaos: scenario {sc['name']}, seed {sc['seed']}", "",
-             f"VM {sc['vm']}, workload {sc['workload']}; {len(injections)} injections in "
-             f"{data['wall_s']} s; recovery bound {sc['recovery_bound_ms']:g} ms, RSS bound "
-             f"{sc['rss_bound_mb']:g} MiB.", "",
-             "| fault | injections | recovered | surfaced | failed | p50 ms | p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{len(injections)} injections of {len({i['fault'] for i in injections})} fault "
+             f"types in {data['wall_s']} s, in {len(sc['phases'])} phase(s):", ""]
+    for n, ph in enumerate(sc["phases"]):
+        mine = [i for i in injections if i.get("phase", 0) == n]
+        lines.append(f"* **{ph['name']}** — VM {ph['vm']} ({ph['runner']} runner), workload "
+                     f"{ph['workload']}: {len(mine)} injections over {ph['duration']:g} s; "
+                     f"recovery bound {ph['recovery_bound_ms']:g} ms, RSS bound "
+                     f"{ph['rss_bound_mb']:g} MiB.")
+    lines += ["", "| fault | family | injections | recovered | surfaced | failed | p50 ms | "
+              "p99 ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows(injections):
         p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
         p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
-        lines.append(f"| {r['fault']} | {r['injections']} | {r['recovered']} | "
+        lines.append(f"| {r['fault']} | {FAULTS[r['fault']].family} | {r['injections']} | "
+                     f"{r['recovered']} | "
                      f"{r['surfaced']} | {r['failed']} | {p50} | {p99} |")
     lines += ["", "Final checks: " + ", ".join(
         f"{k} {'ok' if v else 'FAILED'}" for k, v in data["final"].items()) + "."]
@@ -84,8 +91,8 @@ def summary_md(data: dict[str, Any]) -> str:
         k for k, v in i["invariants"].items() if not v) for i in injections
         if i["outcome"] == "failed"]
     lines += ["", "Broken invariants: " + ("none" if not broken else ""), *broken]
-    lines += ["", "`surfaced`: the fault model lets the guest see it (an injected EIO is a "
-              "guest read error, which the guest program reports and retries)."]
+    lines += ["", "`surfaced`: the fault model lets the guest see it (an injected EIO or "
+              "ENOSPC is a guest I/O error, which the guest program reports and retries)."]
     return "\n".join(lines) + "\n"
 
 
@@ -96,9 +103,9 @@ def timeline(data: dict[str, Any], path: Path) -> str | None:
         plt: Any = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib): no timeline.png"
-    names = list(FAULTS)
+    names = [n for n in FAULTS if any(i["fault"] == n for i in data["injections"])]
     colors = {"recovered": "tab:green", "surfaced": "tab:orange", "failed": "tab:red"}
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(11, 2 + 0.25 * len(names)))
     for outcome, color in colors.items():
         pts = [i for i in data["injections"] if i["outcome"] == outcome]
         ax.scatter([i["started"] for i in pts], [names.index(i["fault"]) for i in pts],
@@ -123,7 +130,7 @@ def write(r: Result, directory: Path) -> tuple[dict[str, Any], str | None]:
     return data, timeline(data, directory / "timeline.png")
 
 
-def load(path: Path) -> tuple[Scenario, list[Planned]]:
+def load(path: Path) -> tuple[Campaign, list[Planned]]:
     """The scenario and the schedule a report recorded."""
     try:
         data = json.loads(path.read_text())

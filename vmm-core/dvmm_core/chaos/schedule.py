@@ -9,7 +9,10 @@ tested with hypothesis (tests/unit/test_chaos_schedule.py).
 Shape: injections are ``min_gap..max_gap`` seconds apart (seeded); the first
 ones take every fault type with a weight > 0 once, in a seeded order, so a
 campaign long enough for them covers every type; after that each fault is
-drawn by weight.
+drawn by weight.  A fault that can hit several targets of the phase's VM
+(a SIGKILL: blk0 or display0) picks one, seeded.  The phases of a campaign
+follow each other: phase i's times start where phase i-1's duration ended,
+its indices where the previous ones stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .scenario import Scenario
+from .scenario import Campaign, Scenario
 
 TARGET = "blk0"
 CRASH_POINTS = ("after-pop", "after-data", "before-used", "after-used")
@@ -34,6 +37,7 @@ class Planned:
     target: str
     fault: str
     arg: dict[str, Any]         # fault parameters (ms, point, ...)
+    phase: int = 0              # the campaign phase (VM) it belongs to
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,23 +45,36 @@ class Planned:
 
 def _arg(fault: str, rng: random.Random) -> dict[str, Any]:
     """The seeded parameters of one fault."""
-    if fault == "hang":
+    if fault in ("hang", "docker-pause"):
         return {"ms": rng.randrange(100, 801)}
     if fault == "crash-at":
         return {"point": rng.choice(CRASH_POINTS)}
-    if fault == "memlimit":
+    if fault in ("memlimit", "cgroup-memlimit"):
         return {"hold_ms": rng.randrange(300, 1001)}
     if fault == "latency":
         return {"ms": rng.randrange(50, 401), "hold_ms": rng.randrange(300, 1001)}
     if fault == "eio":
         return {"op": "read", "count": 1}
+    if fault in ("short-read", "short-write"):
+        return {"count": rng.randrange(1, 4)}
+    if fault == "enospc":
+        return {"op": "write", "count": 1}
+    if fault in ("delay-kick", "delay-call"):
+        return {"ms": rng.randrange(50, 401)}
+    if fault in ("net-drop", "net-dup", "net-reorder", "net-corrupt"):
+        return {"direction": rng.choice(("rx", "tx")), "hold_ms": rng.randrange(300, 1001)}
+    if fault == "link-flap":
+        return {"ms": rng.randrange(200, 1001)}
     return {}
 
 
 def plan(seed: int, duration: float, faults: Mapping[str, float], min_gap: float,
-         max_gap: float, target: str = TARGET) -> list[Planned]:
-    """Every injection in ``(0, duration]``, in time order."""
-    rng = random.Random(f"dvmm-chaos:{seed}")
+         max_gap: float, targets: Mapping[str, tuple[str, ...]] | None = None, *,
+         phase: int = 0, offset: float = 0.0, first_index: int = 0) -> list[Planned]:
+    """Every injection in ``(offset, offset + duration]``, in time order.
+
+    ``targets`` maps each fault to the targets it can hit (default: blk0)."""
+    rng = random.Random(f"dvmm-chaos:{seed}" if phase == 0 else f"dvmm-chaos:{seed}:{phase}")
     names = sorted(n for n, w in faults.items() if w > 0)
     weights = [faults[n] for n in names]
     first = names[:]
@@ -70,11 +87,28 @@ def plan(seed: int, duration: float, faults: Mapping[str, float], min_gap: float
             return out
         fault = first[len(out)] if len(out) < len(first) else \
             rng.choices(names, weights)[0]
-        out.append(Planned(len(out), t, target, fault, _arg(fault, rng)))
+        choices = (targets or {}).get(fault, (TARGET,))
+        target = choices[0] if len(choices) == 1 else rng.choice(choices)
+        out.append(Planned(first_index + len(out), round(offset + t, 3), target, fault,
+                           _arg(fault, rng), phase))
 
 
-def for_scenario(s: Scenario) -> list[Planned]:
-    return plan(s.seed, s.duration, s.faults, s.min_gap, s.max_gap)
+def for_scenario(s: Scenario, phase: int = 0, offset: float = 0.0,
+                 first_index: int = 0) -> list[Planned]:
+    """The schedule of one phase."""
+    targets = {name: s.applicable(name) for name in s.faults}
+    return plan(s.seed, s.duration, s.faults, s.min_gap, s.max_gap, targets, phase=phase,
+                offset=offset, first_index=first_index)
+
+
+def for_campaign(c: Campaign) -> list[Planned]:
+    """The whole campaign's schedule, phase after phase."""
+    out: list[Planned] = []
+    offset = 0.0
+    for i, s in enumerate(c.phases):
+        out += for_scenario(s, i, offset, len(out))
+        offset = round(offset + s.duration, 3)
+    return out
 
 
 def from_dicts(items: list[Any]) -> list[Planned]:
@@ -85,7 +119,8 @@ def from_dicts(items: list[Any]) -> list[Planned]:
             raise ValueError("an injection is not a map")
         try:
             out.append(Planned(int(item["index"]), float(item["time"]), str(item["target"]),
-                               str(item["fault"]), dict(item["arg"])))
+                               str(item["fault"]), dict(item["arg"]),
+                               int(item.get("phase", 0))))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"injection {item.get('index')!r}: {exc}") from None
     return out

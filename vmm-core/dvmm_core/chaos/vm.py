@@ -1,13 +1,16 @@
-"""The VM a campaign runs against: ``dvmm run`` + SeaBIOS + one dvmm blk backend.
+"""The core VM kind of a campaign: ``dvmm run`` + SeaBIOS + dvmm backends.
 
 Owns starting it (a child ``dvmm run`` process with the chaos disk, the
-serial log in a file, a restart limit no campaign reaches), reaching it
-(the core's and the backend's command endpoints, the core's event stream)
-and observing it from outside: whether the core lives, each process's RSS
-(psutil), and the guest's completions — ``used_idx`` in the in-flight
-region (vhost-user INFLIGHT_SHMFD) the core keeps for the device across
-backend restarts, mapped read-only through ``/proc/CORE/fd``.  It is always
-stopped by pid (:meth:`ChaosVm.close`), even when the campaign fails.
+serial log in a file, a restart limit no campaign reaches; with the display
+workload a display backend serving VNC on a free loopback port; the
+backends under the phase's runner), reaching it (the core's and the
+backends' command endpoints, the core's event stream) and observing it
+from outside: whether the core lives, each process's RSS (psutil), and the
+guest's completions — ``used_idx`` in the in-flight region (vhost-user
+INFLIGHT_SHMFD) the core keeps for the disk across backend restarts,
+mapped read-only through ``/proc/CORE/fd``.  It is always stopped by pid
+(:meth:`ChaosVm.close`), even when the campaign fails.  The face it offers
+the campaign is :class:`.vmbase.ChaosVmKind`.
 """
 
 from __future__ import annotations
@@ -27,15 +30,22 @@ from dvmm_shared.control import ControlError, EventSubscriber, command
 from dvmm_shared.inflight import queue_region_size
 from dvmm_shared.procs import log_tail, spawn, stop
 
-from .workload import SerialLog, make_disk
+from .vmbase import View, VmError
+from .workload import SerialLog, check_writes, data_digest, make_disk
+
+__all__ = ["ChaosVm", "VmError"]
 
 START_TIMEOUT = 120.0
 HEADER = struct.Struct("<QHHHH")   # features; version, desc_num, last_batch_head, used_idx
 INFLIGHT_NAME = "/memfd:dvmm-inflight"
 
 
-class VmError(RuntimeError):
-    """The VM died or did not come up (one line plus a log tail)."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _inflight_map(pid: int) -> mmap.mmap | None:
@@ -61,17 +71,23 @@ def _inflight_map(pid: int) -> mmap.mmap | None:
 
 
 class ChaosVm:
-    """One core VM for one campaign (a context manager)."""
+    """One core VM for one campaign phase (a context manager)."""
 
-    def __init__(self, work: Path, seed: int, workload: str = "blk") -> None:
+    kind = "core"
+
+    def __init__(self, work: Path, seed: int, workload: str = "blk", *,
+                 display: bool = False, runner: str = "process") -> None:
         self.work, self.seed, self.workload = work, seed, workload
+        self.display, self.runner = display, runner
         self.disk, self.log = work / "chaos.img", work / "core.log"
         self.serial = SerialLog(work / "serial.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.runtime = ""
         self.digest = ""
+        self.vnc_port = 0
         self.events_sub: EventSubscriber | None = None
         self.events: list[dict[str, Any]] = []
+        self.screen: Any = None     # the display oracle (workload_display), with display
         self._map: mmap.mmap | None = None
         self._used_offset = 0
 
@@ -87,11 +103,21 @@ class ChaosVm:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    def targets(self) -> tuple[str, ...]:
+        return ("blk0", "display0") if self.display else ("blk0",)
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "dvmm_core.cli", "run", "-q", "--disk", str(self.disk),
+                "--serial", f"file:{self.serial.path}", "--restart-limit", "1000000/60",
+                "--backend-runner", self.runner]
+        if self.display:
+            self.vnc_port = _free_port()
+            argv += ["--display", f"vnc=127.0.0.1:{self.vnc_port}"]
+        return argv
+
     def start(self) -> None:
         self.digest = make_disk(self.disk, self.seed, self.workload)
-        self.proc = spawn([sys.executable, "-m", "dvmm_core.cli", "run", "-q", "--disk",
-                           str(self.disk), "--serial", f"file:{self.serial.path}",
-                           "--restart-limit", "1000000/60"], self.log)
+        self.proc = spawn(self.argv(), self.log)
         from dvmm_core.control_cli import vm_dirs
 
         pid = self.proc.pid
@@ -108,8 +134,19 @@ class ChaosVm:
         self._used_offset = 14
         first = self.used()
         self.wait("the guest's first completions", lambda: self.used() != first)
+        if self.display:
+            from .workload_display import DisplayOracle, OracleError
+
+            self.screen = DisplayOracle(pid, lambda: self.backend_stats("display0"),
+                                        ("127.0.0.1", self.vnc_port))
+            try:
+                self.screen.start()
+            except OracleError as exc:
+                raise VmError(f"display workload: {exc}") from None
 
     def close(self) -> None:
+        if self.screen is not None:
+            self.screen.close()
         if self.events_sub is not None:
             self.events_sub.close()
             self.events_sub = None
@@ -138,10 +175,29 @@ class ChaosVm:
                           f"{log_tail(self.log)}")
 
     def used(self) -> int:
-        """The device's used index (queue 0): moves with every completion."""
+        """The disk's used index (queue 0): moves with every completion."""
         m, o = self._map, self._used_offset
         assert m is not None
         return m[o] | m[o + 1] << 8
+
+    def completions(self, target: str) -> int:
+        if target == "display0" and self.screen is not None:
+            return int(self.screen.completions())
+        return self.used()
+
+    def oracle(self, target: str) -> str | None:
+        """display0: a fresh VNC capture against the framebuffer in guest RAM."""
+        if target == "display0" and self.screen is not None:
+            why: str | None = self.screen.check()
+            return why
+        return None
+
+    def view(self) -> View:
+        g = self.serial.view()
+        errors = {"blk0": g.read_errors}
+        mismatches = g.mismatches
+        stopped = g.stopped
+        return View({"blk0": g.progress}, errors, mismatches, stopped)
 
     def poll_events(self) -> list[dict[str, Any]]:
         """Events received since the last call (also kept in :attr:`events`)."""
@@ -154,38 +210,49 @@ class ChaosVm:
     def status(self) -> dict[str, Any]:
         return command(f"ipc://{self.runtime}/core.ctl", "status", timeout=10)
 
-    def backend(self) -> dict[str, Any]:
-        (b,) = [b for b in self.status()["backends"] if b["name"] == "blk0"]
+    def backend(self, target: str = "blk0") -> dict[str, Any]:
+        (b,) = [b for b in self.status()["backends"] if b["name"] == target]
         return dict(b)
 
-    def core_fault(self, action: str) -> dict[str, Any]:
-        return command(f"ipc://{self.runtime}/core.ctl", "fault", timeout=10, name="blk0",
+    def backend_pid(self, target: str) -> int | None:
+        try:
+            b = self.backend(target)
+        except ControlError:
+            return None
+        return int(b["pid"]) if b.get("pid") and b["state"] == "running" else None
+
+    def core_fault(self, target: str, action: str) -> dict[str, Any]:
+        return command(f"ipc://{self.runtime}/core.ctl", "fault", timeout=10, name=target,
                        action=action)
 
-    def backend_fault(self, **args: Any) -> dict[str, Any]:
+    def backend_fault(self, target: str, **args: Any) -> dict[str, Any]:
         """A fault through the backend's own endpoint (retried while it restarts)."""
+        return self._backend_command(target, "fault", **args)
+
+    def backend_stats(self, target: str) -> dict[str, Any]:
+        return self._backend_command(target, "stats")
+
+    def _backend_command(self, target: str, name: str, **args: Any) -> dict[str, Any]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                b = self.backend()
+                b = self.backend(target)
                 if b["state"] == "running" and b["control"]:
-                    return command(b["control"], "fault", timeout=5, **args)
+                    return command(b["control"], name, timeout=5, **args)
             except ControlError:
                 if time.monotonic() > deadline:
                     raise
             self.check()
             if time.monotonic() > deadline:
-                raise VmError("the blk backend did not come back to take a fault")
+                raise VmError(f"the {target} backend did not come back to take a {name}")
             time.sleep(0.02)
 
     def rss_mb(self) -> dict[str, float]:
-        """RSS of the core and the running backend, MiB."""
+        """RSS of the core and the running backends, MiB."""
         out = {}
         pids = {"core": self.proc.pid if self.proc else None}
-        try:
-            pids["blk0"] = self.backend().get("pid")
-        except ControlError:
-            pass
+        for t in self.targets():
+            pids[t] = self.backend_pid(t)
         for name, pid in pids.items():
             try:
                 if pid:
@@ -193,3 +260,10 @@ class ChaosVm:
             except psutil.Error:
                 continue
         return out
+
+    def final(self) -> dict[str, bool]:
+        """Once stopped: the image holds what the workload says it must."""
+        if "blk-write" in self.workload.split("+"):
+            return {"image_writes": check_writes(self.disk, self.serial.view().progress)
+                    is None}
+        return {"image_unchanged": data_digest(self.disk) == self.digest}
