@@ -24,9 +24,7 @@ timestamps of the core's events about it.
 
 from __future__ import annotations
 
-import base64
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -38,11 +36,11 @@ from typing import Any, Protocol
 from dvmm_core.boot.reread import make_reread_disk, parse_reread_output
 from dvmm_core.control_cli import vm_dirs
 from dvmm_core.guest import GuestArtifacts
+from dvmm_core.guest.console import GuestConsole
 from dvmm_shared.control import ControlError, EventSubscriber, command
 from dvmm_shared.procs import log_tail, spawn, stop
 
 START_TIMEOUT = 120.0    # a VM booting to its first request (TCG boots Linux in ~4-10 s)
-READY = b"@@DVMM-READY@@\n"   # the test guest's /init: its serial command channel is up
 GUEST_APPEND = "console=ttyS0 quiet loglevel=0 panic=-1"
 # Sequential 4 KiB O_DIRECT reads of the whole disk, for ever (one request per
 # read), in the background so the command channel stays free for the verdict.
@@ -193,8 +191,8 @@ class QemuVm(_Exits):
         self.backend: subprocess.Popen[bytes] | None = None
         self.qemu: subprocess.Popen[bytes] | None = None
         self.chan: socket.socket | None = None
+        self.console: GuestConsole | None = None
         self.generation = 0
-        self.commands = 0
 
     def start(self) -> None:
         with self.image.open("wb") as f:
@@ -206,7 +204,8 @@ class QemuVm(_Exits):
         with theirs:  # QEMU holds the only other end: its exit is EOF here
             self.qemu = spawn(self._qemu_argv(theirs.fileno()), self.qemu_log,
                               pass_fds=[theirs.fileno()])
-        self._read_until(READY, START_TIMEOUT, "the guest to come up")
+        self.console = GuestConsole(ours, self.serial_log, self.check, self.qemu_log)
+        self.console.wait_ready(START_TIMEOUT)
         self._command(GUEST_LOOP)
 
     def _qemu_argv(self, serial_fd: int) -> list[str]:
@@ -222,37 +221,9 @@ class QemuVm(_Exits):
                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
 
     def _command(self, cmd: str, timeout: float = 30.0) -> str:
-        """Run ``cmd`` through the guest's serial command channel (framing:
-        ``vmm-core/dvmm_core/guest/init.sh``); its output."""
-        assert self.chan is not None
-        self.commands += 1
-        cid = self.commands
-        self.chan.sendall(f"{cid} {base64.b64encode(cmd.encode()).decode()}\n".encode())
-        text = self._read_until(f"@@DVMM-END {cid} ".encode(), timeout, f"command {cmd!r}")
-        begin = f"@@DVMM-BEGIN {cid}@@\n".encode()
-        return text.split(begin, 1)[-1].rsplit(b"\n@@DVMM-END", 1)[0].decode(errors="replace")
-
-    def _read_until(self, marker: bytes, timeout: float, what: str) -> bytes:
-        """The guest's console up to ``marker`` (and the rest of its line), also
-        appended to serial.log."""
-        assert self.chan is not None
-        seen = b""
-        deadline = time.monotonic() + timeout
-        with self.serial_log.open("ab") as log:
-            while marker not in seen or not seen.endswith(b"\n"):
-                self.check()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what} in "
-                                       f"the QEMU guest; {self.serial_log}:\n"
-                                       f"{log_tail(self.serial_log)}")
-                if select.select([self.chan], [], [], 0.5)[0]:
-                    chunk = self.chan.recv(65536)
-                    if not chunk:
-                        raise RuntimeError(f"QEMU closed the guest console:\n"
-                                           f"{log_tail(self.qemu_log)}")
-                    log.write(chunk)
-                    seen += chunk
-        return seen
+        """Run ``cmd`` through the guest's serial command channel; its output."""
+        assert self.console is not None
+        return self.console.command(cmd, timeout)
 
     def _spawn_backend(self) -> None:
         log = self.work / f"blk.{self.generation}.log"

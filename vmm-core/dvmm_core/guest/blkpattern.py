@@ -1,7 +1,7 @@
 """The host's copy of the guest tool ``blkverify``'s block pattern and its output.
 
 Owns recomputing, on the host, the exact 4 KiB blocks the guest's
-``blkverify`` (``vmm-core/dvmm_core/guest/blkverify.c``, whose header comment
+``blkverify`` (``blkverify.c`` beside this module, whose header comment
 is the specification) writes in a given pass, comparing a disk image with
 them, and parsing the tool's pass and summary lines.  Keep the two in step:
 a change of layout shows up here as every block differing.

@@ -8,7 +8,7 @@
  * is killed and restarted while this runs, and it must not notice.
  *
  * Block layout (little endian; the host recomputes it, see
- * tests/dvmm_testing/blkpattern.py, which must stay in step):
+ * vmm-core/dvmm_core/guest/blkpattern.py, which must stay in step):
  *   0     8  magic "DVMMBLK1"
  *   8     8  block number
  *   16    8  pass number (1..PASSES)
