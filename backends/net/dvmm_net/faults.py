@@ -91,6 +91,7 @@ class NetFaults:
     kinds: tuple[str, ...] = KINDS
     armed: dict[str, Armed | None] = field(default_factory=lambda: {"rx": None, "tx": None})
     flap_until: float = 0.0
+    totals: dict[str, int] = field(default_factory=dict)   # frames hit, per mode
 
     def apply(self, kind: str, req: dict[str, Any]) -> dict[str, Any]:
         count, ms = _int(req, "count", 1, MAX_COUNT), _int(req, "ms", 1, MAX_MS)
@@ -126,10 +127,14 @@ class NetFaults:
     def hit(self, direction: str) -> str | None:
         """The fault mode for the next frame in ``direction``, if any ("flap" first)."""
         now = time.monotonic()
-        if now < self.flap_until:
-            return "flap"
         armed = self.armed[direction]
-        return armed.mode if armed is not None and armed.take(now) else None
+        if now < self.flap_until:
+            mode: str | None = "flap"
+        else:
+            mode = armed.mode if armed is not None and armed.take(now) else None
+        if mode is not None:
+            self.totals[mode] = self.totals.get(mode, 0) + 1
+        return mode
 
 
 def _int(req: dict[str, Any], key: str, lo: int, hi: int) -> int | None:

@@ -190,8 +190,10 @@ def serve_commands(endpoint: str, daemon: Daemon, device: NetDevice,
     """The ``--control`` endpoint: health, stats (with the net counters), faults
     (the frame faults of :mod:`.faults` among them)."""
     try:
-        return start_control(daemon, endpoint, lambda: device.stats().as_dict(),
-                             device_faults=faults)
+        return start_control(daemon, endpoint, lambda: {
+            **device.stats().as_dict(),
+            "frame_faults": dict(faults.totals) if faults is not None else {}},
+            device_faults=faults)
     except ControlError as exc:
         daemon.close()
         raise UsageError(str(exc)) from None
