@@ -30,6 +30,7 @@ scanout reads even when the machine has no virtio-gpu function:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Mapping
@@ -174,10 +175,15 @@ class GpuDevice(VhostUserBackend):
         fd = msg.take_fd()
         if fd is None:
             raise ValueError("GPU_SET_SOCKET without an fd")
+        try:  # refused: the fd is ours to close (found by dvmm chaos fuzz)
+            if self._host is None:
+                raise ValueError("GPU_SET_SOCKET before the session")
+            sock = socket.socket(fileno=fd)  # not a socket: OSError, fd left open
+        except BaseException:
+            os.close(fd)
+            raise
         self._close_socket()
-        if self._host is None:
-            raise ValueError("GPU_SET_SOCKET before the session")
-        channel = GpuSocket(socket.socket(fileno=fd), self._frontend_modes, self._resync)
+        channel = GpuSocket(sock, self._frontend_modes, self._resync)
         self.gpu_socket = self.table.observer = channel
         channel.start(self._host)
 

@@ -492,9 +492,13 @@ class Session:
         fd = msg.take_fd()
         if fd is None:
             raise MessageError("SET_BACKEND_REQ_FD without an fd")
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket: refused, and the fd is ours to close
+            os.close(fd)
+            raise
         if self.backend_channel is not None:
             self.backend_channel.close()
-        sock = socket.socket(fileno=fd)
         sock.settimeout(1.0)  # a frontend that does not read cannot hold the loop
         self.backend_channel = Connection(sock)
 
