@@ -21,6 +21,12 @@
 #   dvmm-reread: MISMATCH at read <N>
 #   dvmm-reread: read error AH=<hex> at read <N>
 #   dvmm-reread: bad params
+#
+# Assembled with --defsym CHAOS=1 it is the `blk` workload of `dvmm chaos`
+# (dvmm_core.chaos.workload): magic "DVMC", prefix "dvmm-chaos: ", and a
+# failed read is reported ("read error AH=<hex>") and retried instead of
+# halting, because a campaign injects EIO on purpose (a fault the guest may
+# see) and the program must go on checking every later read.
 
         .code16
         .text
@@ -38,6 +44,11 @@
         .set D_PACKET, 10
         .set D_COUNT, 12
         .set D_SEG, 16
+.ifdef CHAOS
+        .set MAGIC, 0x434d5644          # "DVMC"
+.else
+        .set MAGIC, 0x524d5644          # "DVMR"
+.endif
 
 # BP = parameter block; `done` (reads finished) and `drive` live in memory
 # because putdec clobbers EBX, ECX and EDX.  Interrupts stay disabled.
@@ -57,7 +68,7 @@ _start:
         movw    $s_booted, %si
         call    puts
         movw    $s_badparams, %si
-        cmpl    $0x524d5644, P_MAGIC(%bp)       # "DVMR"
+        cmpl    $MAGIC, P_MAGIC(%bp)
         jne     fail
         movb    P_CHUNK(%bp), %al
         decb    %al
@@ -103,6 +114,7 @@ next:
 # One int 13h read of `count` sectors into segment AX; done += 1.
 read:
         movw    %ax, D_SEG(%bp)
+retry:                                  # the BIOS may have cut D_COUNT: set it again
         movzbw  P_CHUNK(%bp), %ax
         movw    %ax, D_COUNT(%bp)
         movb    drive, %dl
@@ -127,7 +139,15 @@ read_error:
         shll    $16, %eax
         movw    $2, %cx
         call    puthex
+.ifdef CHAOS
+# Report the error, then retry the same read (still inside `read`'s call:
+# the packet's segment is in memory, the return address on the stack).
+        movw    $s_crlf, %si
+        call    puts
+        jmp     retry
+.else
         movw    $s_at, %si
+.endif
 report:                                 # SI = message; then " read N"
         call    puts
         movl    done, %eax
@@ -153,18 +173,24 @@ finished:
 
 done:        .long 0
 drive:       .byte 0
+.ifdef CHAOS
+s_prefix:    .asciz "dvmm-chaos: "
+.else
 s_prefix:    .asciz "dvmm-reread: "
+.endif
 s_reads:     .asciz "\1reads "
 s_crlf:      .asciz "\r\n"
 s_mismatch:  .asciz "\1MISMATCH at read "
 s_readerr:   .asciz "\1read error AH="
+.ifndef CHAOS
 s_at:        .asciz " at read "
+.endif
 s_done:      .asciz "\1done "
 end_of_code:
 
         .org    PARAMS
 params:
-        .ascii  "DVMR"
+        .long   MAGIC
         .long   0                       # reads
         .byte   0
         .byte   8                       # sectors per read

@@ -6,8 +6,9 @@ mismatches: acknowledged data altered, never allowed; I/O errors: allowed
 only while a fault the guest may see is armed) and the host's check of the
 image after the VM stopped.  SeaBIOS boots either program:
 
-* ``blk`` (``chaos_boot.S``): reads one region through int 13h for ever and
-  compares every read with the first; the image's data must be unchanged;
+* ``blk`` (``boot/reread_boot.S`` assembled with ``--defsym CHAOS=1``):
+  reads one region through int 13h for ever and compares every read with
+  the first; the image's data must be unchanged;
 * ``blk-write`` (``chaos_write_boot.S``): write number S puts S's pattern in
   slot S mod N, reads it back and compares; the image must then hold N
   intact writes with consecutive numbers (the last N acknowledged ones, or
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from dvmm_core.boot.demo import IMAGE_ALIGN, INCLUDES, PARAMS_OFFSET, SECTOR_SIZE
 
-SOURCE = "chaos_boot.S"
+SOURCE = "reread_boot.S"        # in dvmm_core.boot, with CHAOS defined
 MAGIC = b"DVMC"
 WRITE_SOURCE = "chaos_write_boot.S"
 WRITE_MAGIC = b"DVMW"
@@ -57,12 +58,16 @@ def _text(name: str, package: str) -> bytes:
 
 
 def boot_sector(source: str = SOURCE) -> bytes:
-    """A guest program assembled (as --32, ld -Ttext 0x7c00, binary): 512 bytes."""
+    """A guest program assembled (as --32, ld -Ttext 0x7c00, binary): 512 bytes.
+    ``blk``'s program is the re-read workload of the core tier in its chaos
+    variant (one source, :data:`SOURCE` in :mod:`dvmm_core.boot`)."""
+    package, defsym = ("dvmm_core.boot", ["--defsym", "CHAOS=1"]) if source == SOURCE else \
+        (__package__ or "dvmm_core.chaos", [])
     with tempfile.TemporaryDirectory(prefix="dvmm-chaos-boot-") as tmp:
-        Path(tmp, source).write_bytes(_text(source, __package__ or "dvmm_core.chaos"))
+        Path(tmp, source).write_bytes(_text(source, package))
         for inc in INCLUDES:
             Path(tmp, inc).write_bytes(_text(inc, "dvmm_core.boot"))
-        for argv in (["as", "--32", "-o", "boot.o", source],
+        for argv in (["as", "--32", *defsym, "-o", "boot.o", source],
                      ["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "_start",
                       "--oformat", "binary", "-o", "boot.bin", "boot.o"]):
             try:
