@@ -176,8 +176,9 @@ class NetStream:
                 self.state.mismatches.append(f"net0: guest record {seq} of connection "
                                              f"{self.state.connections} arrived as seq {found} "
                                              f"len {length}")
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)  # no resync: the guest starts again
+                with contextlib.suppress(OSError):  # no resync: reset, the guest starts again
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.shutdown(socket.SHUT_RDWR)
                 return
             self.state.verified += 1
             seq += 1

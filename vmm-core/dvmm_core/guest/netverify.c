@@ -20,6 +20,7 @@
  *   "netverify: tx N rx M"                     every second
  *   "netverify: MISMATCH rx seq S: why"        a host record did not verify
  *   "netverify: ERROR what: strerror"          the connection failed
+ *   "netverify: connected N"                   connection N is up
  * After an error the tool connects again and both sides restart at seq 0.
  * Bad arguments: exit status 2.
  */
@@ -29,6 +30,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,7 +205,8 @@ int main(int argc, char **argv)
         crc_table[i] = c;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    for (;;) {
+    signal(SIGPIPE, SIG_IGN);  /* a reset connection is an error line, not the end */
+    for (unsigned long conn = 1;; conn++) {
         int fd = connect_to(argv[1], port);
         if (fd == -2) {
             fprintf(stderr, "netverify: %s is not an IPv4 address\n", argv[1]);
@@ -211,8 +214,10 @@ int main(int argc, char **argv)
         }
         if (fd < 0) {
             sleep(1);  /* the host receiver is not listening (yet) */
+            conn--;
             continue;
         }
+        printf("netverify: connected %lu\n", conn);
         stream(fd, rate);
         close(fd);
     }
