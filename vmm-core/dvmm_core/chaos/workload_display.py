@@ -42,6 +42,7 @@ from dvmm_shared.control import ControlError
 
 from ..machine.e820 import RamLayout
 from .rfb_capture import Capture, CaptureError, capture
+from .vmbase import VmError
 
 RAM_NAME = "/memfd:dvmm-ram"
 XRGB_FORMATS = (0x34325258, 0x34325241)  # "XR24", "AR24": bytes B G R X|A
@@ -158,9 +159,10 @@ class DisplayOracle:
     """The screen of ``display0`` against guest RAM (a context manager).
 
     ``stats`` returns the display backend's ``stats`` reply (raising
-    :class:`ControlError` while it restarts: ``ChaosVm.backend_stats`` with
-    the target bound fits); ``vnc`` is where its VNC server listens (default:
-    the ``device.vnc`` host and port of the first stats reply)."""
+    :class:`ControlError` or :class:`VmError` while it restarts or hangs:
+    ``ChaosVm.backend_stats`` with the target bound fits); ``vnc`` is where
+    its VNC server listens (default: the ``device.vnc`` host and port of the
+    first stats reply)."""
 
     def __init__(self, core_pid: int, stats: Stats, vnc: tuple[str, int] | None = None
                  ) -> None:
@@ -187,7 +189,7 @@ class DisplayOracle:
             try:
                 stats = self._stats()
                 fb = Framebuffer.from_stats(stats)
-            except ControlError:
+            except (ControlError, VmError):
                 fb, stats = None, {}
             if fb is not None:
                 break
@@ -213,7 +215,7 @@ class DisplayOracle:
         """The display's current configuration (None: unreachable or none)."""
         try:
             return Framebuffer.from_stats(self._stats())
-        except ControlError:
+        except (ControlError, VmError):
             return None
 
     def completions(self) -> int:
