@@ -141,3 +141,40 @@ def test_display_oracle_catches_a_difference(tmp_path: Path) -> None:
         command(dvm.control(), "fault", timeout=5, kind="close-socket")
         wait_until(lambda: oracle.check() is None, 60, "the core to resend the ramfb config",
                    dvm.vm.proc, dvm.vm.diagnostics)
+
+
+def test_display_oracle_holds_after_a_memory_limit_under_load(tmp_path: Path) -> None:
+    """``cgroup-memlimit`` on display0 of the campaign's core VM while a VNC
+    client keeps capturing: every frame the display sends is new memory, so
+    1 MiB of headroom is soon reached and the OOM killer may end the display
+    (the supervisor starts it again); afterwards the oracle holds."""
+    import threading
+
+    from dvmm_core.chaos.faults import Applied
+    from dvmm_core.chaos.faults_container import INJECT
+    from dvmm_core.chaos.schedule import Planned
+    from dvmm_core.chaos.vm import ChaosVm
+
+    with ChaosVm(tmp_path, 7, "blk", display=True) as vm:
+        oracle = vm.screen
+        assert isinstance(oracle, DisplayOracle) and oracle.check() is None
+        pid = vm.backend_pid("display0")
+        done: list[Applied] = []
+        fault = threading.Thread(target=lambda: done.append(INJECT["cgroup-memlimit"](
+            vm, Planned(0, 0.0, "display0", "cgroup-memlimit", {"hold_ms": 1000}))))
+        fault.start()
+        while fault.is_alive():
+            oracle.check()  # load: whole-frame captures (may fail while it is killed)
+        fault.join()
+        (applied,) = done
+        if "RLIMIT_AS instead" in applied.note:
+            pytest.skip(applied.note)
+        assert "memory limit" in applied.note, applied.note
+        if "OOM-killed" in applied.note:
+            wait_until(lambda: vm.backend_pid("display0") not in (None, pid), 60,
+                       "a new display process", vm.proc)
+        first = oracle.completions()
+        wait_until(lambda: oracle.completions() > first, 60, "the display to serve frames",
+                   vm.proc)
+        assert oracle.check() is None
+        assert vm.view().mismatches == 0
