@@ -203,6 +203,12 @@ class SplitQueue:
     def avail_idx(self) -> int:
         return int(self._avail_h[1])
 
+    @property
+    def avail_seen(self) -> int:
+        """The available index the device last looked at (a lost-kick check
+        compares it with :meth:`avail_idx`)."""
+        return self._avail_seen
+
     def avail_flags(self) -> int:
         return int(self._avail_h[0])
 

@@ -148,7 +148,12 @@ def test_delay_is_armed_and_cleared(blk: tuple[BlkProcess, str]) -> None:
     assert command(ep, "fault", kind="delay", ms=30)["ms"] == 30
     command(ep, "fault", kind="crash-at", point="after-used")
     command(ep, "fault", kind="error", errno="ENOSPC", op="write", count=4)
-    assert command(ep, "stats")["faults"] == {
+    command(ep, "fault", kind="short-read", count=2)
+    command(ep, "fault", kind="drop-call", count=3)
+    faults = command(ep, "stats")["faults"]
+    assert faults["channel"]["drop_calls"] == 3
+    assert faults["device"] == {"short_read": 2, "short_write": 0, "torn_write": None}
+    assert {k: faults[k] for k in ("delay_ms", "crash_point", "error")} == {
         "delay_ms": 30, "crash_point": "after-used",
         "error": {"errno": "ENOSPC", "ops": ["discard", "flush", "write", "write_zeroes"],
                   "remaining": 4}}
@@ -156,8 +161,10 @@ def test_delay_is_armed_and_cleared(blk: tuple[BlkProcess, str]) -> None:
         vm.connect(str(b.socket), ALL_FEATURES)
         command(ep, "fault", kind="crash-at", point="after-used")
         command(ep, "fault", kind="clear")
-        assert command(ep, "stats")["faults"] == {"delay_ms": 0, "crash_point": None,
-                                                  "error": None}
+        faults = command(ep, "stats")["faults"]
+        assert {k: faults[k] for k in ("delay_ms", "crash_point", "error", "device")} == {
+            "delay_ms": 0, "crash_point": None, "error": None, "device": None}
+        assert faults["channel"]["drop_calls"] == 0
         command(ep, "fault", kind="delay", ms=30)
         assert rw(vm, 4, b"H" * 512) == (OK, OK, b"H" * 512)  # slower, still served
 

@@ -10,7 +10,8 @@ Owns two ZeroMQ endpoints in the VM's runtime directory (see
 * ``ipc://RUNTIME/core.ctl`` (REP): ``status`` (the VM and every backend),
   ``events`` (the recent history, for a client that joined late),
   ``fault`` (process faults through the supervisor: kill, stop, cont,
-  restart) and ``input`` (key and pointer events from the display process
+  restart; ``corrupt-msg``: one corrupted vhost-user message from the
+  core's link to that backend) and ``input`` (key and pointer events from the display process
   for the machine's PS/2 keyboard and mouse, notes/display_interface.md).
 
 The endpoints open in :meth:`CoreControl.start`, which the machine calls
@@ -118,7 +119,7 @@ class CoreControl:
             info = b.info()
             link = links.pop(b.name, None)
             if link is not None:
-                info.update(link=link.state.value, restores=link.restores)
+                info.update(link=link.state.value, restores=link.restores, rings=link.rings())
             backends.append(info)
         for link in links.values():  # external backends: only the link is ours
             backends.append({"name": link.name, "pid": None, "state": link.state.value,
@@ -137,12 +138,31 @@ class CoreControl:
         name, action = request.get("name"), request.get("action")
         if not isinstance(name, str) or not isinstance(action, str):
             raise ControlError("fault needs 'name' and 'action' strings")
+        if action == "corrupt-msg":
+            return self._corrupt(name, request.get("mode", "version"))
         try:
             backend = self.supervisor.signal_backend(name, action)
         except SupervisorError as exc:
             raise ControlError(str(exc)) from None
         self.emit("fault-injected", {"name": name, "action": action, "pid": backend.pid})
         return {"name": name, "action": action, "pid": backend.pid}
+
+    def _corrupt(self, name: str, mode: object) -> dict[str, Any]:
+        """``corrupt-msg``: the link to ``name`` sends its backend one corrupted
+        vhost-user message (:meth:`VhostUserLink.corrupt_message`)."""
+        from dvmm_shared.control import ControlError
+
+        link = next((lk for lk in self._links() if lk.name == name), None)
+        if link is None:
+            raise ControlError(f"no vhost-user link called {name!r}")
+        try:
+            sent = link.corrupt_message(mode if isinstance(mode, str) else "")
+        except ValueError as exc:
+            raise ControlError(f"corrupt-msg: {exc}") from None
+        if not sent:
+            raise ControlError(f"corrupt-msg: {name} is not connected ({link.state.value})")
+        self.emit("fault-injected", {"name": name, "action": "corrupt-msg", "mode": mode})
+        return {"name": name, "action": "corrupt-msg", "mode": mode}
 
     def _input(self, request: dict[str, Any]) -> dict[str, Any]:
         from dvmm_shared.control import ControlError

@@ -48,10 +48,14 @@ from dvmm_shared.memory import GuestMemory, GuestMemoryError
 from dvmm_shared.vhost_user.connection import Connection, ConnectionClosed
 from dvmm_shared.vhost_user.frontend import Frontend, FrontendError, RingSetup
 from dvmm_shared.vhost_user.message import (
+    HEADER,
+    MAX_PAYLOAD,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_VERSION,
     MemRegion,
     MessageError,
     ProtocolFeature,
+    Request,
 )
 
 from .backend_channel import BackendChannel
@@ -76,6 +80,8 @@ RECONNECT_CAP = 2.0
 MONITOR_TICK = 5.0
 
 EventSink = Callable[[str, dict[str, Any]], None]
+#: What :meth:`VhostUserLink.corrupt_message` can corrupt.
+CORRUPT_MODES = ("version", "size")
 KICK = (1).to_bytes(8, "little")
 #: The errors that mean "the backend is gone" (as opposed to "it refused").
 _GONE = (ConnectionClosed, MessageError, OSError)
@@ -474,6 +480,43 @@ class VhostUserLink:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "link": self.state.value, "socket": self.path,
                 "restores": self.restores}
+
+    def rings(self) -> list[dict[str, int]]:
+        """Where each started ring stands in guest memory (virtio 1.2 2.7.6 /
+        2.7.8: ``avail->idx`` and ``used->idx`` at +2): a request the guest
+        made and the device has not answered shows as ``avail != used``."""
+        if self.mem is None:
+            return []
+        out = []
+        for q in self._queues:
+            avail = int.from_bytes(self.mem.read(q.driver + 2, 2), "little")
+            out.append({"index": q.index, "avail_idx": avail, "used_idx": self._used_index(q)})
+        return out
+
+    # -- fault injection ------------------------------------------------------
+    def corrupt_message(self, mode: str) -> bool:
+        """Send the backend one corrupted message (the ``corrupt-msg`` fault);
+        whether the link was connected to send it.  Sent under the lock, so no
+        request of ours is in the middle of its exchange.  A GET_FEATURES
+        header whose flags carry version 2 (``version``; vhost-user.rst
+        "Header": version bits 0-1 are 0x1) or announce a payload larger than
+        any request has (``size``): a backend must take it as a protocol
+        error and hang up; the monitor then reconnects and replays, as for
+        any lost backend."""
+        if mode not in CORRUPT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(CORRUPT_MODES)}")
+        flags, size = ((VHOST_USER_VERSION ^ 0x3, 0) if mode == "version"
+                       else (VHOST_USER_VERSION, MAX_PAYLOAD + 1))
+        with self._lock:
+            fe = self.fe
+            if self.state is not LinkState.CONNECTED or fe is None:
+                return False
+            try:
+                fe.conn.sock.sendall(HEADER.pack(Request.GET_FEATURES, flags, size))
+            except OSError as exc:
+                self._mark_lost(f"a corrupted message could not be sent: {exc}")
+        log.warning("%s: fault injection: corrupted %s message sent", self.name, mode)
+        return True
 
 
 def _connect_retry(path: str, timeout: float) -> Connection:

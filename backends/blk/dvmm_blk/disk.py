@@ -6,7 +6,9 @@ copy), ``fdatasync`` for FLUSH, ``fallocate`` hole punching and zero ranges
 for DISCARD and WRITE_ZEROES.  The :class:`Disk` protocol is what the device
 depends on, so a unit test can hand it a fake.  :class:`FaultyDisk` wraps any
 disk to fail chosen operations with a chosen errno on command (the control
-endpoint's ``fault error``): the device turns that into VIRTIO_BLK_S_IOERR.
+endpoint's ``fault error``): the device turns that into VIRTIO_BLK_S_IOERR;
+it also tears a write on command (:mod:`.iofaults`), and every vector call
+here can be made short on command to prove the continuation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dvmm_shared.virtio import VIRTIO_BLK_SECTOR_SIZE
+
+from .iofaults import IO, crash_process, head, maybe_short
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -173,6 +177,8 @@ class RawDisk:
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         while length:
             n = os.pwrite(self.fd, _ZERO_CHUNK[:min(length, len(_ZERO_CHUNK))], offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write at offset {offset}")
             offset += n
             length -= n
 
@@ -265,7 +271,7 @@ class FaultyDisk:
         """The call for io_uring while no error is armed; armed, the engine
         goes through :meth:`read` etc., which fail as asked."""
         native = getattr(self.disk, "native", None)
-        if self._armed is not None or native is None:
+        if self._armed is not None or native is None or (op == "write" and IO.torn_armed()):
             return None
         result: tuple[str, int, int, list[memoryview]] | None = native(op, offset, bufs)
         return result
@@ -273,11 +279,25 @@ class FaultyDisk:
     def try_read(self, offset: int, bufs: list[memoryview]) -> bool:
         """A cached read, unless an error is armed (then the engine's read fails)."""
         try_read = getattr(self.disk, "try_read", None)
-        return self._armed is None and try_read is not None and bool(try_read(offset, bufs))
+        return (self._armed is None and try_read is not None and not IO.short_armed("read")
+                and bool(try_read(offset, bufs)))
 
     def write(self, offset: int, bufs: list[memoryview]) -> None:
         self._check("write")
+        if IO.armed and IO.torn_armed():
+            self._tear(offset, bufs)
         self.disk.write(offset, bufs)
+
+    def _tear(self, offset: int, bufs: list[memoryview]) -> None:
+        """An armed torn write: the first part of the data, then a crash."""
+        percent = IO.take_torn()
+        if percent is None:  # another thread took it
+            return
+        total = sum(map(len, bufs))
+        keep = total * percent // 100
+        if keep:
+            self.disk.write(offset, head(bufs, keep))
+        crash_process(f"after a torn write ({keep} of {total} bytes at offset {offset})")
 
     def flush(self) -> None:
         self._check("flush")
@@ -300,7 +320,7 @@ def _vector_io(call: object, fd: int, offset: int, bufs: list[memoryview], what:
     fn = call  # os.preadv or os.pwritev
     assert callable(fn)
     if len(bufs) <= IOV_MAX:  # the hot path: one call does it all
-        done = fn(fd, bufs, offset)
+        done = fn(fd, maybe_short(what, bufs) if IO.armed else bufs, offset)
         total = sum(map(len, bufs))
         if done == total:
             return
@@ -312,7 +332,7 @@ def _vector_io(call: object, fd: int, offset: int, bufs: list[memoryview], what:
         pending = [b for b in bufs if len(b)]
     while pending:
         batch = pending[:IOV_MAX]
-        done = fn(fd, batch, offset)
+        done = fn(fd, maybe_short(what, batch) if IO.armed else batch, offset)
         if done <= 0:
             raise OSError(errno.EIO, f"short {what} at offset {offset}")
         offset += done

@@ -41,6 +41,7 @@ from .device import BlkDevice
 from .disk import Disk, DiskError, FaultyDisk, RawDisk
 from .engine import DEFAULT_THREADS, ENGINES, MAX_THREADS, EngineError, make_engine
 from .formats import FORMATS, ImageError, open_image, probe_file
+from .iofaults import BlkFaults
 
 log = logging.getLogger("dvmm.blk")
 
@@ -180,7 +181,8 @@ def serve_commands(endpoint: str, daemon: Daemon, device: BlkDevice) -> CommandS
         return {**asdict(device.stats), **injected}
 
     try:
-        return start_control(daemon, endpoint, device_stats, faulty)
+        return start_control(daemon, endpoint, device_stats, faulty,
+                             device_faults=BlkFaults() if faulty is not None else None)
     except ControlError as exc:
         daemon.close()
         raise UsageError(str(exc)) from None

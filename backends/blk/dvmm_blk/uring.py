@@ -30,6 +30,7 @@ from collections import deque
 from dvmm_shared.eventfd import EventFd
 
 from .engine import EngineError, Job, ThreadEngine
+from .iofaults import IO, maybe_short
 
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427  # x86_64
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
@@ -120,14 +121,19 @@ class UringEngine:
             iov: object = None
             addr, count, total, rw_flags = 0, 0, 0, FSYNC_DATASYNC
         else:
+            # an armed short-read/-write (fault injection, .iofaults): the
+            # kernel is given only the head, the completion looks short
+            issued = maybe_short(name, bufs) if IO.armed else bufs
             try:
-                arr, keep, total = _iovecs(bufs)
+                arr, keep, total = _iovecs(issued)
             except (TypeError, ValueError):  # a read-only or empty buffer
                 job.native = None
                 self._fallback.submit(job)
                 return
+            if issued is not bufs:
+                total = sum(map(len, bufs))
             iov = (arr, keep)  # alive until the completion: the kernel reads them
-            addr, count, rw_flags = ctypes.addressof(arr), len(bufs), 0
+            addr, count, rw_flags = ctypes.addressof(arr), len(issued), 0
         slot = self._free.pop()
         _SQE.pack_into(self._sqes, 64 * slot, op, 0, 0, fd, offset, addr, count, rw_flags,
                        slot)

@@ -11,7 +11,10 @@ Owns the commands every backend answers over the control plane
   protocol-level faults go to the daemon's hooks (``service_delay``,
   ``crash_point``, ``drop_frontend`` through ``call_soon``), I/O errors to the
   device's :class:`FaultApplier` (blk's :class:`dvmm_blk.disk.FaultyDisk`);
-  kinds a device adds itself (net's frame faults) to its :class:`DeviceFaults`.
+  kinds a device adds itself (net's frame faults, blk's short transfers and
+  torn write) to its :class:`DeviceFaults`; kick and call faults (``drop-kick``,
+  ``delay-kick``, ``drop-call``, ``delay-call``) to the daemon's
+  :mod:`.channel`.
 
 Commands run on the control thread, not the daemon's loop: they only read
 counters, set plain attributes the loop reads, or hand work to the loop with
@@ -121,6 +124,7 @@ class BackendControl:
                  "error": self.faults.describe() if self.faults is not None else None}
         if self.device_faults is not None:
             armed["device"] = self.device_faults.describe()
+        armed["channel"] = self.daemon.faults.channel.faults.describe()
         return armed
 
     def shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -134,12 +138,18 @@ class BackendControl:
             "close-socket": self._close_socket, "crash-at": self._crash_at,
             "clear": self._clear,
         }.get(kind if isinstance(kind, str) else "")
-        extra = self.device_faults
+        extra, channel = self.device_faults, self.daemon.faults.channel.faults
         if handler is None and extra is not None and kind in extra.kinds:
             assert isinstance(kind, str)
             return {"kind": kind, **extra.apply(kind, req)}
+        if handler is None and kind in channel.kinds:
+            assert isinstance(kind, str)
+            try:
+                return {"kind": kind, **channel.apply(kind, req)}
+            except ValueError as exc:
+                raise ControlError(f"fault {kind}: {exc}") from None
         if handler is None:
-            kinds = FAULT_KINDS + (extra.kinds if extra is not None else ())
+            kinds = FAULT_KINDS + channel.kinds + (extra.kinds if extra is not None else ())
             raise ControlError(f"fault kind must be one of {', '.join(kinds)}")
         return {"kind": kind, **handler(req)}
 
@@ -189,6 +199,7 @@ class BackendControl:
             self.faults.clear()
         if self.device_faults is not None:
             self.device_faults.clear()
+        self.daemon.faults.channel.faults.clear()
         self.daemon.service_delay = 0.0
         self.daemon.crash_point = None
         return {}

@@ -16,7 +16,9 @@ deadline.
 
 Hooks for supervisors and fault injection, all run on the loop thread:
 :meth:`Daemon.call_soon` (from any thread), :meth:`Daemon.drop_frontend`,
-:attr:`Daemon.service_delay` and :attr:`Daemon.crash_point`.
+:attr:`Daemon.service_delay` and :attr:`Daemon.crash_point`; kicks and calls
+go through ``faults.channel`` (:mod:`.channel`: dropped or delayed on
+command, and the safety net that recovers a lost kick or call).
 """
 
 from __future__ import annotations
@@ -159,8 +161,11 @@ class Daemon:
         log.info("listening on %s", self.path or f"fd {self.listener.fileno()}")
         try:
             while self._running:
-                for key, mask in self.sel.select():
+                # (a timeout only while timers or the lost-notification safety
+                # net of .channel need the loop; idle, it blocks)
+                for key, mask in self.sel.select(self.faults.channel.timeout(self.session)):
                     self._dispatch(key, mask)
+                self.faults.channel.run_due(self.session)
         finally:
             if self.session is not None:
                 self._end_session()
@@ -176,7 +181,7 @@ class Daemon:
             # read from its replacement's socket)
             self._on_message(session)
         elif kind == "kick" and session is not None:
-            session.on_kick(index)
+            self.faults.channel.on_kick(session, index)
         elif kind == "extra" and session is not None:
             session.on_ready(index, mask)
         elif kind == "wake":

@@ -562,7 +562,8 @@ class Session:
                             self.faults.crash_point)
 
     def notify(self, ring: Vring) -> None:
-        if ring.call is not None:
+        # (the channel may drop or delay the call: fault injection, .channel)
+        if ring.call is not None and self.faults.channel.call(self, ring):
             ring.call.signal()
             self.stats.queue(ring.index).notifications += 1
 

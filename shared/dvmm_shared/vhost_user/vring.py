@@ -23,13 +23,14 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from ..eventfd import EventFd
 from ..inflight import InflightQueue
 from ..virtqueue import ChainError, SplitQueue
 from .backend import QueueStats, StartChain, VhostUserBackend
+from .channel import ChannelFaults, Notifications
 from .message import VringAddr
 
 log = logging.getLogger("dvmm.vhost_user")
@@ -57,10 +58,14 @@ class Faults:
 
     ``crash_point`` (one of :data:`CRASH_POINTS`) makes the serve loop
     SIGKILL its own process at that step of the next request;
-    ``service_delay`` (seconds) is slept before each ring service pass."""
+    ``service_delay`` (seconds) is slept before each ring service pass;
+    ``channel`` drops or delays kicks and calls."""
 
     crash_point: str | None = None
     service_delay: float = 0.0
+    #: Kick and call faults, delayed notifications and the lost-notification
+    #: safety net (:mod:`.channel`).
+    channel: Notifications = field(default_factory=lambda: Notifications(ChannelFaults()))
 
 
 @dataclass

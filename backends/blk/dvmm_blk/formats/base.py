@@ -71,8 +71,11 @@ class ImageFile:
             raise ImageCorrupt(f"{what} at offset {offset} (+{length}) lies beyond the "
                                f"end of the file ({self.size} bytes)")
         data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise ImageCorrupt(f"{what} at offset {offset}: short read (file truncated?)")
+        while len(data) < length:  # a short read is not the end of the file (POSIX)
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise ImageCorrupt(f"{what} at offset {offset}: short read (file truncated?)")
+            data += more
         return data
 
     def read_upto(self, offset: int, length: int) -> bytes:
@@ -82,9 +85,8 @@ class ImageFile:
         return os.pread(self.fd, min(length, self.size - offset), offset)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        done = os.pwrite(self.fd, data, offset)
-        if done != len(data):
-            raise OSError(errno.EIO, f"short write at offset {offset}")
+        # (through _vector_io: a short write is carried on, not an error)
+        _vector_io(os.pwritev, self.fd, offset, [memoryview(data)], "write")
         self._grew(offset + len(data))
 
     def writev(self, offset: int, bufs: list[memoryview]) -> None:

@@ -9,7 +9,6 @@ for raw files that sit under another format, and for ``dvmm img``.
 from __future__ import annotations
 
 import errno
-import os
 
 from .base import BlockImage, ImageFile
 
@@ -39,6 +38,6 @@ class RawImage(BlockImage):
         chunk = bytes(min(length, 1 << 20))
         while length > 0:
             n = min(length, len(chunk))
-            os.pwrite(self.file.fd, chunk[:n], offset)
+            self.file.write(offset, chunk[:n])  # (carries on after a short write)
             offset += n
             length -= n
