@@ -218,8 +218,9 @@ def _prelude(p: Provider, fe: _Frontend, backend: Any) -> None:
     steps: list[tuple[int, bytes, list[int]]] = [
         (R.SET_OWNER, b"", []),
         (R.SET_FEATURES, m.encode_u64(features & pick(p, [features, ~0x20000000])), []),
-        (R.SET_PROTOCOL_FEATURES, m.encode_u64(pick(p, [1 << 3 | 1 << 9, 1 << 12 | 1 << 3])),
-         []),
+        # REPLY_ACK with CONFIG, INFLIGHT_SHMFD or BACKEND_REQ (the display's)
+        (R.SET_PROTOCOL_FEATURES, m.encode_u64(pick(p, [1 << 3 | 1 << 9, 1 << 3 | 1 << 12,
+                                                        1 << 3 | 1 << 5])), []),
         (R.SET_MEM_TABLE, m.encode_mem_table([m.MemRegion(0, MEM_SIZE, USER_BASE, 0)]), [0]),
     ]
     for ring in range(1 + choose(p, min(3, backend.num_queues))):
