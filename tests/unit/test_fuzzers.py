@@ -10,8 +10,10 @@ saved), so these tests can fail.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,27 @@ def test_libfuzzer_figures_are_read_from_its_output() -> None:
     assert (r.runs, r.execs_per_s, r.cov, r.features, r.peak_rss_mb, r.crashes) == \
         (4096, 1024, 12, 25, 41, 0)
     assert runner.parse("t", out, 4.0, 77).crashes == 1  # a non-zero exit is a crash
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_the_fuzzing_child(tmp_path: Path) -> None:
+    import psutil
+
+    proc = subprocess.Popen([*CLI, "qmp", "--time", "100", "--artifacts", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        children: list[psutil.Process] = []
+        while not children and time.monotonic() < deadline:
+            children = parent.children(recursive=True)
+            time.sleep(0.1)  # polling for the child to be started, bounded by the deadline
+        assert children, "the fuzzing child never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

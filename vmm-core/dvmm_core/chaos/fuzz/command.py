@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from dvmm_shared.cli import UsageError
 
@@ -63,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = args.time if args.time is not None else (None if args.runs else 60.0)
     from . import runner
 
+    # unwind on SIGTERM too, so the runner stops its child (by pid) on the way out
+    signal.signal(signal.SIGTERM, _interrupted)
+
     results = []
     for name in names:
         corpus, drop_corpus = _dir(args.corpus, name, len(names) > 1, "corpus")
@@ -81,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     return 0 if all(r.ok for r in results) else 1
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _targets(name: str | None) -> list[str]:
