@@ -109,7 +109,8 @@ class ChaosVm:
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "dvmm_core.cli", "run", "-q", "--disk", str(self.disk),
                 "--serial", f"file:{self.serial.path}", "--restart-limit", "1000000/60",
-                "--backend-runner", self.runner]
+                "--backend-runner", self.runner,
+                "--qmp", f"unix:{self.work / 'qmp.sock'},server=on,wait=off"]
         if self.display:
             self.vnc_port = _free_port()
             argv += ["--display", f"vnc=127.0.0.1:{self.vnc_port}"]
@@ -246,6 +247,47 @@ class ChaosVm:
             if time.monotonic() > deadline:
                 raise VmError(f"the {target} backend did not come back to take a {name}")
             time.sleep(0.02)
+
+    def diagnose(self, target: str) -> str:
+        """Where the target's rings and in-flight entries stand (for a failed
+        recovery's note): a request the guest made and nobody answers shows."""
+        try:
+            b = self.backend(target)
+        except (ControlError, ValueError) as exc:
+            return f"no status: {exc}"
+        inflight = ""
+        if target == "blk0" and self._map is not None:
+            _, version, desc_num, last, used = HEADER.unpack_from(self._map, 0)
+            marked = [i for i in range(desc_num) if self._map[HEADER.size + 16 * i]]
+            inflight = f"; in-flight region used_idx {used} last_batch_head {last} " \
+                       f"marked {marked}"
+        return f"{target} {b.get('state')} link {b.get('link')} rings {b.get('rings')}" \
+               f"{inflight}; vCPU {self._registers()}"
+
+    def _registers(self) -> str:
+        """The vCPU's instruction pointer and flags, through the VM's QMP socket."""
+        import json
+        import socket
+
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(self.work / "qmp.sock"))
+                f = s.makefile("rwb")
+                f.readline()
+                for cmd in ({"execute": "qmp_capabilities"},
+                            {"execute": "human-monitor-command",
+                             "arguments": {"command-line": "info registers"}}):
+                    f.write(json.dumps(cmd).encode() + b"\n")
+                    f.flush()
+                    while "return" not in (reply := json.loads(f.readline())) \
+                            and "error" not in reply:
+                        pass
+            text = str(reply.get("return", reply))
+        except (OSError, ValueError) as exc:
+            return f"(no registers: {exc})"
+        keep = [w for w in text.split() if w.split("=")[0] in ("RIP", "EIP", "EFL", "CS", "IP")]
+        return " ".join(keep) or text[:200]
 
     def rss_mb(self) -> dict[str, float]:
         """RSS of the core and the running backends, MiB."""
