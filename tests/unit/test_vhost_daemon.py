@@ -189,3 +189,23 @@ def test_frontend_arriving_while_busy_does_not_wedge_the_loop(tmp_path: Path) ->
         finally:
             new.close()
         assert not wedged, "the daemon blocked reading a frontend that had sent nothing"
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_a_lost_kick_is_found_by_the_safety_net(daemon: DaemonThread, vm: SyntheticVM,
+                                                event_idx: bool) -> None:
+    """A frontend that published a request and never kicked (a lost
+    notification): the daemon's slow look at the avail index serves it."""
+    features = ECHO_FEATURES & ~(0 if event_idx else bit(VIRTIO_F_RING_EVENT_IDX))
+    # (connect returns once the ring is enabled and its first pass is over:
+    # every message is acknowledged, REPLY_ACK)
+    vm.connect(daemon.path, features, num_queues=1, event_idx=event_idx)
+    ring = vm.rings[0]
+    src, dst = vm.alloc(4), vm.alloc(4)
+    vm.mem.write(src, b"lost")
+    head = ring.queue.add([Buf(src, 4), Buf(dst, 4, write=True)])  # no kick
+    assert ring.wait_used(timeout=10) == [(head, 4)]
+    assert vm.mem.read(dst, 4) == b"tsol"
+    rescued = daemon.daemon.faults.channel.faults.rescued
+    assert rescued["kicks"] == 1, (rescued, daemon.daemon.stats)
+    assert echo(vm, 0, b"again") == b"niaga"
