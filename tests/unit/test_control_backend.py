@@ -113,6 +113,10 @@ def test_counted_enospc_on_writes(blk: tuple[BlkProcess, str], image: Path) -> N
     ({"kind": "delay"}, "fault delay needs ms"),
     ({"kind": "delay", "ms": -1}, "ms must be an integer"),
     ({"kind": "crash-at", "point": "never"}, "point must be one of after-pop, after-data"),
+    ({"kind": "short-read", "count": -2}, "fault short-read: count must be an integer 1.."),
+    ({"kind": "torn-write", "percent": 1.5}, "fault torn-write: percent must be an integer"),
+    ({"kind": "drop-kick", "count": "1"}, "fault drop-kick: count must be an integer"),
+    ({"kind": "delay-call", "ms": 0}, "fault delay-call: ms must be an integer 1..60000"),
 ])
 def test_bad_fault_arguments(blk: tuple[BlkProcess, str], args: dict[str, Any],
                              text: str) -> None:

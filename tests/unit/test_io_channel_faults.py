@@ -22,8 +22,10 @@ from typing import Any
 
 import pytest
 from dvmm_blk.request import HEADER
+from dvmm_core.core_control import CoreControl
+from dvmm_core.supervisor import Supervisor
 from dvmm_core.vhost_user_frontend import LinkState, VhostUserLink
-from dvmm_shared.control import command, runtime_endpoint
+from dvmm_shared.control import ControlError, command, runtime_endpoint
 from dvmm_shared.driver import Buf
 from dvmm_shared.virtio import VIRTIO_F_VERSION_1, VirtioBlkReqType, bit
 
@@ -216,5 +218,37 @@ def test_a_corrupted_message_drops_the_session_and_the_link_recovers(tmp_path: P
         assert "dropping the frontend: unsupported vhost-user version" in text
         assert "dropping the frontend: payload of 4097 bytes" in text
         assert os.path.exists(r.image) and "Traceback" not in text
+    finally:
+        r.close()
+
+
+def test_corrupt_msg_through_the_cores_control_endpoint(tmp_path: Path, ram: Ram) -> None:
+    """``core.ctl fault name=blk0 action=corrupt-msg``, as ``dvmm chaos`` sends it."""
+    r = Rig(tmp_path, ram, "threads")
+    core_dir = tmp_path / "core"
+    core_dir.mkdir()
+    try:
+        with r.backend() as blk:
+            r.start(blk)
+            link = r.link
+            assert link is not None
+            control = CoreControl(Supervisor(runtime_dir=str(core_dir)), lambda: [link],
+                                  lambda: "running")
+            control.start()
+            ep = runtime_endpoint(str(core_dir), "core")
+            try:
+                reply = command(ep, "fault", name="blk0", action="corrupt-msg", mode="size")
+                assert reply == {"ok": True, "name": "blk0", "action": "corrupt-msg",
+                                 "mode": "size"}
+                r.events.wait_for("device-restored")
+                assert r.read(9, 1) == sector_pattern(9)
+                for args, text in (({"name": "blk9"}, "no vhost-user link called 'blk9'"),
+                                   ({"name": "blk0", "mode": 3}, "mode must be one of")):
+                    with pytest.raises(ControlError, match=text):
+                        command(ep, "fault", action="corrupt-msg", **args)
+                assert [e["event"] for e in control.history()] == ["fault-injected"]
+            finally:
+                control.close()
+        assert "dropping the frontend: payload of 4097 bytes" in blk.stderr()
     finally:
         r.close()
