@@ -6,10 +6,12 @@ through its own interfaces, the ones ``dvmm fault`` uses: process faults
 ``fault``), the others through the backend's command endpoint (``crash-at``
 a named point, ``error`` EIO, ``delay`` for latency, ``close-socket``) —
 and when the fault is *lifted*: the moment from which recovery is timed.
-For a kill, a clean restart, a hang and a closed socket that is when the action ends; for a
-crash at a point, the core's ``backend-exited`` event (the crash happens at
-the backend's next request); for EIO, when the armed error is consumed; for
-latency and a memory limit, when the delay or limit is switched off again.
+For a kill, a clean restart and a hang that is when the action ends; for a
+closed socket, when it is asked for (the link may be back before the
+answer); for a crash at a point, the core's ``backend-exited`` event (the
+crash happens at the backend's next request); for EIO, when the armed error
+is consumed; for latency and a memory limit, when the delay or limit is
+switched off again.
 The other families — block engine and channel (:mod:`.faults_io`), network
 (:mod:`.faults_net`), container and cgroup (:mod:`.faults_container`) —
 follow the same rule; :func:`injectors` gathers them all.
@@ -98,8 +100,14 @@ def _latency(vm: ChaosVmKind, p: Planned) -> Applied:
 
 
 def _close_socket(vm: ChaosVmKind, p: Planned) -> Applied:
+    # Lifted when asked, not when the command returns: the backend drops the
+    # session on its loop while its control thread replies, and the core may
+    # reconnect (a few ms) before the reply arrives -- a ``device-restored``
+    # event older than the lifted moment would not count, and a recovered
+    # link would be judged lost (as corrupt-msg, faults_io).
+    lifted = time.monotonic()
     vm.backend_fault(p.target, kind="close-socket")
-    return Applied(time.monotonic())
+    return Applied(lifted)
 
 
 def _memlimit(vm: ChaosVmKind, p: Planned) -> Applied:
