@@ -72,10 +72,13 @@ class ChannelFaults:
         self.delayed = 0           # delayed notifications not delivered yet
         self.dropped = {"kicks": 0, "calls": 0}
         self.rescued = {"kicks": 0, "calls": 0}
+        #: Anything armed (the one attribute the unarmed fast path reads).
+        self.armed = False
 
-    @property
-    def armed(self) -> bool:
-        return bool(self.drop_kicks or self.kick_delay or self.drop_calls or self.call_delay)
+    def _rearm(self) -> None:
+        """(lock held)"""
+        self.armed = bool(self.drop_kicks or self.kick_delay or self.drop_calls
+                          or self.call_delay)
 
     def apply(self, kind: str, req: dict[str, Any]) -> dict[str, Any]:
         """Arm ``kind`` from a ``fault`` request; ValueError (one line) if bad."""
@@ -86,6 +89,7 @@ class ChannelFaults:
                     self.drop_kicks = count
                 else:
                     self.drop_calls = count
+                self._rearm()
             return {"count": count}
         if kind in ("delay-kick", "delay-call"):
             ms = _int(req, "ms", 1, MAX_DELAY_MS, None)
@@ -94,6 +98,7 @@ class ChannelFaults:
                     self.kick_delay = ms / 1000
                 else:
                     self.call_delay = ms / 1000
+                self._rearm()
             return {"ms": ms}
         raise ValueError(f"fault kind must be one of {', '.join(KINDS)}")
 
@@ -101,6 +106,7 @@ class ChannelFaults:
         with self._lock:
             self.drop_kicks = self.drop_calls = 0
             self.kick_delay = self.call_delay = 0.0
+            self.armed = False
 
     def describe(self) -> dict[str, Any]:
         """What is armed, pending and counted (the ``stats`` reply's ``channel``)."""
@@ -119,19 +125,22 @@ class ChannelFaults:
 
     def _take(self, what: str) -> float | None:
         with self._lock:
-            if what == "kick":
-                if self.drop_kicks:
-                    self.drop_kicks -= 1
-                    return 0.0
-                delay, self.kick_delay = self.kick_delay, 0.0
-            else:
-                if self.drop_calls:
-                    self.drop_calls -= 1
-                    return 0.0
-                delay, self.call_delay = self.call_delay, 0.0
-            if delay:
-                self.delayed += 1
-            return delay or None
+            try:
+                if what == "kick":
+                    if self.drop_kicks:
+                        self.drop_kicks -= 1
+                        return 0.0
+                    delay, self.kick_delay = self.kick_delay, 0.0
+                else:
+                    if self.drop_calls:
+                        self.drop_calls -= 1
+                        return 0.0
+                    delay, self.call_delay = self.call_delay, 0.0
+                if delay:
+                    self.delayed += 1
+                return delay or None
+            finally:
+                self._rearm()
 
 
 def _int(req: dict[str, Any], key: str, lo: int, hi: int, default: int | None) -> int:
@@ -272,14 +281,14 @@ class Notifications:
             avail, used = queue.avail_idx(), queue.used_idx
             if avail == watch.avail and avail != queue.avail_seen:
                 self.faults.rescued["kicks"] += 1
-                log.warning("queue %d: available entries without a kick for %.0f ms; "
+                log.warning("queue %d: available entries without a kick for over %.0f ms; "
                             "served (a lost notification)", ring.index, PERIOD * 1000)
                 session.service(ring)
                 used = queue.used_idx if ring.queue is queue else used
             elif (used == watch.used and used != watch.signalled and ring.call is not None
                   and _driver_wants_call(queue, watch.signalled)):
                 self.faults.rescued["calls"] += 1
-                log.info("queue %d: used entries without a call for %.0f ms; signalled",
+                log.info("queue %d: used entries without a call for over %.0f ms; signalled",
                          ring.index, PERIOD * 1000)
                 ring.call.signal()
                 session.stats.queue(ring.index).notifications += 1
