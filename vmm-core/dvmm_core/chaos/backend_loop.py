@@ -156,25 +156,29 @@ class BackendLoop:
                 proc = self._spawn_next()
                 if proc is None:
                     return
-                restored = False
+                connections = 0   # sessions of this run seen connected
                 while (status := wait_exit(proc, POLL)) is None:
                     if self._stopping.is_set():
                         return
-                    if not restored:
-                        restored = self._restored()
+                    connections = self._restored(connections)
                 self._exited(status)
         except BaseException as exc:  # reported by check()
             self._error = exc
 
-    def _restored(self) -> bool:
+    def _restored(self, seen: int) -> int:
+        """A ``device-restored`` event for each new session of this run (a new
+        run's first one, and the frontend's reconnect after the backend closed
+        its socket); the sessions seen so far."""
         try:
-            if not command(self.control, "health", timeout=0.5).get("frontend"):
-                return False
+            health = command(self.control, "health", timeout=0.5)
         except ControlError:
-            return False
+            return seen
+        connections = int(health.get("connections", 0))
+        if not health.get("frontend") or connections <= seen:
+            return seen
         self.events.append({"event": "device-restored", "name": self.name, "ts": time.time(),
                             "generation": self.generation})
-        return True
+        return connections
 
     def _exited(self, status: int) -> None:
         ts = time.time()
