@@ -159,6 +159,25 @@ def test_process_faults_go_to_the_core(blk: BlkProcess, core: FakeCore,
     assert blk.proc.poll() is None  # the fake core does not carry them out
 
 
+def test_engine_and_channel_faults_are_armed_through_the_cli(
+        blk: BlkProcess, core: FakeCore, capsys: pytest.CaptureFixture[str]) -> None:
+    for args, done in ((["short-read", "2"], "short-read done (count=2)"),
+                       (["short-write"], "short-write done (count=1)"),
+                       (["torn-write"], "torn-write done (percent=50)"),
+                       (["drop-call", "3"], "drop-call done (count=3)"),
+                       (["delay-kick", "40"], "delay-kick done (ms=40)")):
+        rc, out, _ = dvmm(capsys, "fault", "blk0", *args)
+        assert rc == 0 and out == f"blk0: {done}\n"
+    rc, out, _ = dvmm(capsys, "status", "--pid", str(os.getpid()), "--json")
+    faults = json.loads(out)["backends"][0]["stats"]["faults"]
+    assert faults["device"] == {"short_read": 2, "short_write": 1, "torn_write": 50}
+    assert faults["channel"]["drop_calls"] == 3 and faults["channel"]["kick_delay_ms"] == 40
+    assert dvmm(capsys, "fault", "blk0", "clear")[0] == 0
+    assert dvmm(capsys, "fault", "blk0", "corrupt-msg", "size")[0] == 0
+    assert core.faults[-1] == {"cmd": "fault", "name": "blk0", "action": "corrupt-msg",
+                              "mode": "size"}
+
+
 def test_error_fault_reaches_the_guest(blk: BlkProcess,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     with SyntheticVM(mem_size=1 << 20) as vm:
@@ -185,6 +204,9 @@ def test_error_fault_reaches_the_guest(blk: BlkProcess,
     (["fault", "blk0", "kill", "now"], "fault kill takes no argument"),
     (["fault", "blk0", "kill", "--count", "2"], "--op and --count go with fault error only"),
     (["fault", "blk0", "error", "EBADF"], "errno must be one of EIO, ENOSPC"),
+    (["fault", "blk0", "delay-kick"], "fault delay-kick needs MS"),
+    (["fault", "blk0", "short-read", "many"], "fault short-read: COUNT must be an integer"),
+    (["fault", "blk0", "torn-write", "100"], "percent must be an integer 1..99"),
     (["status", "--vm", "/nonexistent/dvmm-1-x"], "no VM runtime directory"),
     (["status", "--pid", "999999999"], "no VM with core pid 999999999"),
 ])

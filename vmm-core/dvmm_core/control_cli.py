@@ -37,8 +37,15 @@ from dvmm_shared.control import (
 from .control_format import format_event, status_table
 
 PROCESS_FAULTS = ("kill", "stop", "cont", "restart")
-BACKEND_FAULTS = ("delay", "error", "close-socket", "crash-at", "clear")
-FAULT_ARG = {"delay": "MS", "error": "ERRNO", "crash-at": "POINT"}
+LINK_FAULTS = ("corrupt-msg",)  # carried out by the core's vhost-user link
+BACKEND_FAULTS = ("delay", "error", "close-socket", "crash-at", "clear", "short-read",
+                  "short-write", "torn-write", "drop-kick", "delay-kick", "drop-call",
+                  "delay-call")
+FAULT_ARG = {"delay": "MS", "error": "ERRNO", "crash-at": "POINT", "delay-kick": "MS",
+             "delay-call": "MS"}
+#: Faults whose ARG may be left out, and the request key it fills.
+OPTIONAL_ARG = {"short-read": "count", "short-write": "count", "drop-kick": "count",
+                "drop-call": "count", "torn-write": "percent", "corrupt-msg": "mode"}
 _RUNTIME_NAME = re.compile(r"dvmm-(\d+)-[^/]+")
 
 
@@ -253,13 +260,16 @@ def _backend_stats(backend: dict[str, Any]) -> dict[str, Any] | None:
 # -- dvmm fault -----------------------------------------------------------------
 def run_fault(args: argparse.Namespace) -> int:
     action = args.action
-    if action not in PROCESS_FAULTS + BACKEND_FAULTS:
-        raise UsageError(f"unknown fault {action!r}; one of: "
-                         + ", ".join(PROCESS_FAULTS + BACKEND_FAULTS))
+    known = PROCESS_FAULTS + LINK_FAULTS + BACKEND_FAULTS
+    if action not in known:
+        raise UsageError(f"unknown fault {action!r}; one of: " + ", ".join(known))
     _check_fault_args(args)
     vm = find_vm(args.vm, args.pid)
     if action in PROCESS_FAULTS:
         reply = ask(vm.core, "fault", name=args.name, action=action)
+    elif action in LINK_FAULTS:
+        mode = {"mode": args.arg} if args.arg is not None else {}
+        reply = ask(vm.core, "fault", name=args.name, action=action, **mode)
     else:
         reply = ask(_backend_endpoint(vm, args.name), "fault", **_backend_fault(args))
     details = " ".join(f"{k}={v}" for k, v in reply.items()
@@ -270,7 +280,7 @@ def run_fault(args: argparse.Namespace) -> int:
 
 def _check_fault_args(args: argparse.Namespace) -> None:
     wanted = FAULT_ARG.get(args.action)
-    if wanted is None and args.arg is not None:
+    if wanted is None and args.arg is not None and args.action not in OPTIONAL_ARG:
         raise UsageError(f"fault {args.action} takes no argument (got {args.arg!r})")
     if wanted is not None and args.arg is None:
         raise UsageError(f"fault {args.action} needs {wanted}")
@@ -292,7 +302,14 @@ def _backend_fault(args: argparse.Namespace) -> dict[str, Any]:
         return fault
     if args.action == "crash-at":
         return {"kind": "crash-at", "point": args.arg}
-    return {"kind": args.action}
+    key = "ms" if args.action in FAULT_ARG else OPTIONAL_ARG.get(args.action)
+    if key is None or args.arg is None:
+        return {"kind": args.action}
+    try:
+        return {"kind": args.action, key: int(args.arg)}
+    except ValueError:
+        raise UsageError(f"fault {args.action}: {key.upper()} must be an integer, "
+                         f"not {args.arg!r}") from None
 
 
 def _backend_endpoint(vm: VmDir, name: str) -> str:
@@ -335,10 +352,14 @@ def add_parsers(sub: Any) -> None:
                        formatter_class=formatter, description=FAULT_HELP)
     p.add_argument("name", metavar="NAME", help="the backend, as `dvmm status` names it")
     p.add_argument("action", metavar="ACTION",
-                   help="kill|stop|cont|restart|delay|error|close-socket|crash-at|clear")
-    p.add_argument("arg", nargs="?", metavar="ARG", help="MS for delay, ERRNO for error "
-                   "(EIO, ENOSPC), POINT for crash-at (after-pop, after-data, before-used, "
-                   "after-used)")
+                   help="kill|stop|cont|restart|corrupt-msg|delay|error|close-socket|"
+                   "crash-at|short-read|short-write|torn-write|drop-kick|delay-kick|"
+                   "drop-call|delay-call|clear")
+    p.add_argument("arg", nargs="?", metavar="ARG", help="MS for delay, delay-kick and "
+                   "delay-call, ERRNO for error (EIO, ENOSPC), POINT for crash-at "
+                   "(after-pop, after-data, before-used, after-used); optional: N for "
+                   "short-read, short-write, drop-kick, drop-call, PERCENT for torn-write, "
+                   "MODE for corrupt-msg (version, size)")
     p.add_argument("--op", choices=["read", "write", "any"], help="error: which I/O fails")
     p.add_argument("--count", type=int, metavar="N", help="error: fail N times (default: "
                    "until `clear`)")
@@ -353,11 +374,21 @@ process faults (carried out by the core's supervisor):
   kill        SIGKILL the backend (the supervisor restarts it by its policy)
   stop, cont  SIGSTOP / SIGCONT it
   restart     stop it cleanly and start it again
+  corrupt-msg [MODE]  the core's link sends the backend one corrupted vhost-user
+              message (version or size); the backend drops the session, the core
+              reconnects and replays
 backend faults (sent to the backend's own control endpoint):
   delay MS    sleep MS milliseconds before each ring service pass (0 clears)
   error ERRNO fail disk I/O with EIO or ENOSPC (--op read|write|any, --count N)
   close-socket  drop the vhost-user connection (the core reconnects)
   crash-at POINT  SIGKILL itself at that step of the next request: after-pop,
               after-data, before-used or after-used
+  short-read [N], short-write [N]  the next N disk reads / writes transfer only
+              part of their bytes (the engine carries on; default 1)
+  torn-write [PERCENT]  the next disk write stores PERCENT % (default 50), then
+              the backend SIGKILLs itself; the restarted one replays it
+  drop-kick [N], drop-call [N]  lose the next N kicks / calls (the backend's
+              safety net finds the work within 0.25-0.5 s)
+  delay-kick MS, delay-call MS  deliver the next kick / call MS late
   clear       switch every backend fault off
 """
