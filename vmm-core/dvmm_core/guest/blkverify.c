@@ -23,7 +23,8 @@
  *
  * Output: one line per pass, then one summary line
  *   "blkverify: done passes=P blocks_verified=N bad=B eio=E seed=S".
- * A read or write that fails (EIO...) or a block that does not verify is
+ * A read or write that fails (EIO...) is reported and retried (at most
+ * RETRIES times, 10 ms apart); it, or a block that does not verify, is
  * reported on its own line ("blkverify: EIO ..." / "blkverify: MISMATCH ...",
  * the first 20 of each) and makes the exit status 1.  Bad arguments: 2.
  */
@@ -53,6 +54,7 @@ static uint32_t crc_table[8][256];
  * it instead of computing it again (the guest's CPU, emulated, is the
  * bottleneck; the less it computes, the busier the backend under test). */
 static uint32_t *crcs;
+#define RETRIES 100
 static int dev_fd;
 static uint64_t nblocks, seed;
 static unsigned nthreads = 4;
@@ -170,14 +172,21 @@ static void do_chunk(struct job *j, unsigned char *buf, unsigned char *want, uin
             fill_block(buf + i * BLOCK, first + i, j->pass, NULL);
             memcpy(&crcs[first + i], buf + i * BLOCK + CRC_AT, 4);
         }
-    ssize_t n = j->writing ? pwrite(dev_fd, buf, len, off) : pread(dev_fd, buf, len, off);
-    if (n != (ssize_t)len) {
+    /* A failed transfer is reported and retried (up to RETRIES times): an
+     * injected error may surface once, and a write the device refused is not
+     * acknowledged, so the pass must still end with the block written. */
+    for (int attempt = 0;; attempt++) {
+        ssize_t n = j->writing ? pwrite(dev_fd, buf, len, off) : pread(dev_fd, buf, len, off);
+        if (n == (ssize_t)len)
+            break;
         j->eio += count;
         report(&reports_eio, "blkverify: EIO %s blocks %llu..%llu pass %llu: %s\n",
                j->writing ? "writing" : "reading", (unsigned long long)first,
                (unsigned long long)(first + count - 1), (unsigned long long)j->pass,
                n < 0 ? strerror(errno) : "short transfer");
-        return;
+        if (attempt + 1 >= RETRIES)
+            return;
+        usleep(10000);
     }
     if (!j->writing)
         for (uint64_t i = 0; i < count; i++)
