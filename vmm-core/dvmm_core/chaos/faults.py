@@ -19,7 +19,10 @@ follow the same rule; :func:`injectors` gathers them all.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from functools import cache
 from typing import Any
 
 import psutil
+from dvmm_shared.control import ControlError
 
 from .schedule import Planned
 from .vmbase import ChaosVmKind, VmError
@@ -56,11 +60,20 @@ def _restart(vm: ChaosVmKind, p: Planned) -> Applied:
 
 
 def _hang(vm: ChaosVmKind, p: Planned) -> Applied:
+    pid = vm.backend_pid(p.target)
     vm.core_fault(p.target, "stop")
     try:
         time.sleep(int(p.arg["ms"]) / 1000)
     finally:
-        vm.core_fault(p.target, "cont")
+        try:
+            vm.core_fault(p.target, "cont")
+        except (ControlError, VmError):
+            # The frontend died meanwhile: a stopped backend would not even act
+            # on its parent-death signal (SIGTERM waits while it is stopped).
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            raise
     return Applied(time.monotonic())
 
 
