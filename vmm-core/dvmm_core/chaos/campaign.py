@@ -144,6 +144,8 @@ def run_one(vm: ChaosVmKind, sc: Scenario, p: Planned, t0: float) -> Injection:
             _await_report(vm, p.target, before)
     except (VmError, ControlError) as exc:
         inj.note, recovered = str(exc).splitlines()[0], None
+    if recovered is None and vm.alive() and (diagnose := getattr(vm, "diagnose", None)):
+        inj.note = " ".join(filter(None, [inj.note, f"[{diagnose(p.target)}]"]))
     _judge(inj, sc, vm, before, recovered)
     return inj
 

@@ -50,13 +50,15 @@ class Applied:
 
 
 def _sigkill(vm: ChaosVmKind, p: Planned) -> Applied:
+    lifted = time.monotonic()  # before: the link may be restored before the reply arrives
     vm.core_fault(p.target, "kill")
-    return Applied(time.monotonic())
+    return Applied(lifted)
 
 
 def _restart(vm: ChaosVmKind, p: Planned) -> Applied:
+    lifted = time.monotonic()
     vm.core_fault(p.target, "restart")
-    return Applied(time.monotonic())
+    return Applied(lifted)
 
 
 def _hang(vm: ChaosVmKind, p: Planned) -> Applied:
