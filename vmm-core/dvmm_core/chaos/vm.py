@@ -257,7 +257,7 @@ class ChaosVm:
             return f"no status: {exc}"
         inflight = ""
         if target == "blk0" and self._map is not None:
-            _, version, desc_num, last, used = HEADER.unpack_from(self._map, 0)
+            _, _, desc_num, last, used = HEADER.unpack_from(self._map, 0)
             marked = [i for i in range(desc_num) if self._map[HEADER.size + 16 * i]]
             inflight = f"; in-flight region used_idx {used} last_batch_head {last} " \
                        f"marked {marked}"
