@@ -91,6 +91,30 @@ def test_an_image_formats_metadata_write_is_carried_on(tmp_path: Path) -> None:
         f.close()
 
 
+def test_an_image_formats_metadata_reads_carry_on_after_a_short_pread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ImageFile.read took a short pread for a truncated file, read_upto
+    (compressed clusters) returned the short piece."""
+    path = make_image(tmp_path / "f.img", 8 * SECTOR)
+    expected = path.read_bytes()[SECTOR:4 * SECTOR]
+    real, calls = os.pread, []
+
+    def short_first(fd: int, n: int, offset: int) -> bytes:
+        calls.append(n)
+        return real(fd, max(1, n // 3 - 5) if len(calls) % 2 else n, offset)
+
+    f = ImageFile(str(path), read_only=True)
+    try:
+        monkeypatch.setattr(os, "pread", short_first)
+        assert f.read(SECTOR, 3 * SECTOR, "check") == expected
+        assert f.read_upto(SECTOR, 3 * SECTOR) == expected
+        assert f.read_upto(7 * SECTOR, 4 * SECTOR) == path.read_bytes()[7 * SECTOR:]
+    finally:
+        monkeypatch.undo()
+        f.close()
+    assert len(calls) >= 5
+
+
 def test_the_armed_short_read_skips_the_cached_path(raw: RawDisk) -> None:
     faulty = FaultyDisk(raw)
     IO.arm_short("read", 1)

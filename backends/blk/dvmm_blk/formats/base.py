@@ -70,11 +70,19 @@ class ImageFile:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ImageCorrupt(f"{what} at offset {offset} (+{length}) lies beyond the "
                                f"end of the file ({self.size} bytes)")
+        data = self._pread(offset, length)
+        if len(data) != length:
+            raise ImageCorrupt(f"{what} at offset {offset}: short read (file truncated?)")
+        return data
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes, fewer only at the end of the file: a short
+        read is carried on (POSIX lets any read return less than asked)."""
         data = os.pread(self.fd, length, offset)
-        while len(data) < length:  # a short read is not the end of the file (POSIX)
+        while 0 < len(data) < length:
             more = os.pread(self.fd, length - len(data), offset + len(data))
             if not more:
-                raise ImageCorrupt(f"{what} at offset {offset}: short read (file truncated?)")
+                break
             data += more
         return data
 
@@ -82,7 +90,7 @@ class ImageFile:
         """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
         if offset < 0 or offset >= self.size:
             return b""
-        return os.pread(self.fd, min(length, self.size - offset), offset)
+        return self._pread(offset, min(length, self.size - offset))
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         # (through _vector_io: a short write is carried on, not an error)
