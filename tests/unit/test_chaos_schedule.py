@@ -123,3 +123,17 @@ def test_malformed_injections_are_refused() -> None:
         from_dicts([{"index": 0, "time": 1.0}])
     with pytest.raises(ValueError):
         from_dicts(["x"])
+
+
+def test_every_fault_type_has_an_injector_and_the_arguments_it_reads() -> None:
+    """The schedule draws each type's arguments; each family says which it reads."""
+    import random
+
+    from dvmm_core.chaos import faults_container, faults_io, faults_net
+    from dvmm_core.chaos.faults import injectors
+    from dvmm_core.chaos.schedule import _arg
+
+    assert set(injectors()) == set(FAULTS)
+    for family in (faults_io, faults_net, faults_container):
+        for name, draw in family.ARGS.items():
+            assert set(_arg(name, random.Random(1))) == set(draw(random.Random(1))), name

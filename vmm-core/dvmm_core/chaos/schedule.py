@@ -59,6 +59,10 @@ def _arg(fault: str, rng: random.Random) -> dict[str, Any]:
         return {"count": rng.randrange(1, 4)}
     if fault == "enospc":
         return {"op": "write", "count": 1}
+    if fault == "torn-write":
+        return {"percent": rng.randrange(10, 91)}
+    if fault in ("drop-kick", "drop-call"):
+        return {"count": 1}
     if fault in ("delay-kick", "delay-call"):
         return {"ms": rng.randrange(50, 401)}
     if fault in ("net-drop", "net-dup", "net-reorder", "net-corrupt"):
