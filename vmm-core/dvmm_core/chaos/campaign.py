@@ -174,6 +174,7 @@ def _one_vm(sc: Scenario, work: Path, pending: list[Planned], start: float,
     with vm:
         progress(f"{sc.name}: {sc.vm} VM up after {time.monotonic() - start:.1f} s; "
                  f"{len(pending)} injections to go")
+        first = {t: vm.completions(t) for t in vm.targets()}
         t0 = time.monotonic() - (pending[0].time - sc.min_gap)  # keep the planned spacing
         for p in pending:
             while (left := t0 + p.time - time.monotonic()) > 0:
@@ -190,7 +191,8 @@ def _one_vm(sc: Scenario, work: Path, pending: list[Planned], start: float,
         view = vm.view()
         final = {"vm_alive": vm.alive() or broken is not None,
                  "oracle": view.mismatches == 0 and view.stopped is None,
-                 "guest_progress": all(n > 0 for n in view.progress.values())}
+                 # every device served the guest during this VM's life
+                 "guest_progress": all(vm.completions(t) != n for t, n in first.items())}
     final.update(vm.final())  # the VM has stopped: its images are final
     return out, final, broken
 
