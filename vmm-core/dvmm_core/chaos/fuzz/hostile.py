@@ -11,7 +11,9 @@ leaked fd, an error reply that hides an internal exception).
 from __future__ import annotations
 
 import gc
+import mmap
 import os
+import types
 from collections.abc import Sequence
 
 from ._atheris import Provider
@@ -53,7 +55,7 @@ class FdGuard:
         self.baseline: int | None = None
 
     def check(self) -> None:
-        count = len(os.listdir("/proc/self/fd"))
+        count = len(os.listdir("/proc/self/fd")) - 1  # not the listing's own fd
         if self.baseline is None:
             self.baseline = count
             return
@@ -64,4 +66,35 @@ class FdGuard:
         if len(fds) > self.baseline:
             kinds = sorted({v for v in fds.values()})
             raise FuzzFinding(f"fd leak: {len(fds)} fds open, {self.baseline} before; "
-                              f"kinds: {', '.join(kinds)[:300]}")
+                              f"kinds: {', '.join(kinds)[:300]}; {_holders()}")
+
+
+def _holders() -> str:
+    """Who keeps the mappings alive (a mapping holds a dup of its fd)."""
+    live = [o for o in gc.get_objects() if isinstance(o, mmap.mmap) and not o.closed]
+    out = []
+    for m in live:
+        out.append(f"mmap of {len(m)} bytes <- {' <- '.join(_referrers(m, id(live)))}")
+    return "; ".join(out)[:2000] or "no live mapping"
+
+
+def _referrers(obj: object, ignore: int, depth: int = 12) -> list[str]:
+    """One chain of objects that refer to ``obj``, outwards (for the report)."""
+    chain, seen = [], {id(obj), ignore}
+    for _ in range(depth):
+        refs = [r for r in gc.get_referrers(obj)
+                if id(r) not in seen and not isinstance(r, types.FrameType)]
+        if not refs:
+            break
+        obj = refs[0]
+        seen.add(id(obj))
+        chain.append(_describe(obj))
+    return chain
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, types.GeneratorType):
+        frame = obj.gi_frame
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else "finished"
+        return f"generator {obj.__qualname__} at {where}"
+    return type(obj).__qualname__

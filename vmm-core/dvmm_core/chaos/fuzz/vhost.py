@@ -93,10 +93,18 @@ class _Frontend:
                 break
             for key, mask in events:
                 self.daemon._dispatch(key, mask)
+            self._after_pass()
             self.drain()
         else:
             raise RuntimeError(f"the daemon still had work after {MAX_PASSES} passes")
         self.drain()
+
+    def _after_pass(self) -> None:
+        """What ``serve_forever`` does after each select pass (the channel's
+        timers and lost-notification net; it forgets an ended session)."""
+        channel = getattr(self.daemon.faults, "channel", None)
+        if channel is not None:
+            channel.run_due(self.daemon.session)
 
     def drain(self) -> None:
         space = socket.CMSG_SPACE(8 * 4)
@@ -118,6 +126,7 @@ class _Frontend:
         self.sock.close()
         if self.daemon.session is not None:
             self.pump()  # the daemon sees the disconnect itself
+        self._after_pass()
         for peer in self.peers:
             peer.close()
         for fd in self.owned:
