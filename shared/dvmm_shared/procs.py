@@ -14,6 +14,8 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 _PR_SET_PDEATHSIG = 1
 
@@ -79,3 +81,28 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 
 __all__ = ["log_tail", "spawn", "stop", "wait_exit"]
+
+
+class Started:
+    """A context manager over ``start()`` / ``close()``: ``close`` runs when
+    ``start`` fails half-way and when the block ends, so whatever ``start``
+    spawned is stopped by pid in every case (the VMs of tests, benchmarks and
+    chaos campaigns)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

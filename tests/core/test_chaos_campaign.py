@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 from corevm import dvmm_argv
 from dvmm_core.chaos import campaign, report
 from dvmm_core.chaos.scenario import DEFAULT, FAULTS, Campaign, Scenario
-from dvmm_testing.dockerd import Dockerd, docker_images  # noqa: F401 - the fixture
+from dvmm_testing.dockerd import docker_host, docker_images  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.core
 
@@ -41,16 +40,8 @@ def short(c: Campaign) -> Campaign:
         for p in c.phases))
 
 
-@pytest.fixture
-def docker_host(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-                ) -> Iterator[Dockerd]:
-    daemon: Dockerd = request.getfixturevalue("docker_images")
-    monkeypatch.setenv("DOCKER_HOST", daemon.host)  # the core's runner and our docker
-    yield daemon
-
-
-def test_short_campaign_every_fault_type_invariants_hold(tmp_path: Path,
-                                                        docker_host: Dockerd) -> None:
+@pytest.mark.usefixtures("docker_host")
+def test_short_campaign_every_fault_type_invariants_hold(tmp_path: Path) -> None:
     scenario = short(DEFAULT)
     assert scenario.duration <= 60
     result = campaign.run(scenario, tmp_path / "work", print)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from dvmm_core.chaos.faults_container import (
 from dvmm_core.chaos.schedule import Planned
 from dvmm_core.chaos.vm import ChaosVm
 from dvmm_core.runners_docker import LABEL
-from dvmm_testing.dockerd import Dockerd, docker_images  # noqa: F401 - the fixture
+from dvmm_testing.dockerd import docker_host, docker_images  # noqa: F401 - fixtures
 
 
 def inject(vm: ChaosVm, fault: str, index: int, **arg: int) -> Applied:
@@ -52,14 +51,6 @@ def reads_go_on(vm: ChaosVm) -> None:
     assert view.errors["blk0"] == 0, view  # none of these faults may surface
 
 
-@pytest.fixture
-def docker_host(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-                ) -> Iterator[Dockerd]:
-    daemon: Dockerd = request.getfixturevalue("docker_images")
-    monkeypatch.setenv("DOCKER_HOST", daemon.host)  # the core's runner and our docker
-    yield daemon
-
-
 def containers() -> list[str]:
     out = subprocess.run(["docker", "ps", "-q", "--filter", f"label={LABEL}"],
                          capture_output=True, text=True, check=True)
@@ -74,7 +65,8 @@ def test_fault_catalogue_entries() -> None:
     assert 300 <= ARGS["cgroup-memlimit"](random.Random(1))["hold_ms"] <= 1000
 
 
-def test_docker_faults_on_the_core_blk_backend(tmp_path: Path, docker_host: Dockerd) -> None:
+@pytest.mark.usefixtures("docker_host")
+def test_docker_faults_on_the_core_blk_backend(tmp_path: Path) -> None:
     with ChaosVm(tmp_path, 5, "blk", runner="docker") as vm:
         reads_go_on(vm)
         pid = vm.backend_pid("blk0")

@@ -128,3 +128,11 @@ def docker_images() -> Iterator[Dockerd]:
     if left:
         subprocess.run(["docker", "rm", "-f", *left], env=daemon.env(), capture_output=True,
                        check=False)
+
+
+@pytest.fixture
+def docker_host(docker_images: Dockerd, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dockerd]:
+    """:func:`docker_images` with ``DOCKER_HOST`` pointing at it for the test (the
+    core's docker runner and the test's own ``docker`` commands)."""
+    monkeypatch.setenv("DOCKER_HOST", docker_images.host)
+    yield docker_images

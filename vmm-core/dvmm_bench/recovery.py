@@ -252,9 +252,10 @@ def run(settings: Settings, progress: Callable[[str], None]) -> tuple[list[Outco
         with ExitStack() as stack:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix=f"dvmm-bench-recovery-{name}-")))
-            vm: RecoveryVm = stack.enter_context(
-                CoreVm(work, settings.standby) if artifacts is None or name == "core"
-                else QemuVm(work, artifacts))
+            chosen: CoreVm | QemuVm = CoreVm(work, settings.standby) \
+                if artifacts is None or name == "core" else QemuVm(work, artifacts)
+            stack.enter_context(chosen)
+            vm: RecoveryVm = chosen
             progress(f"{vm.label}: up; {settings.kills} kills")
             outcomes.append(run_vm(vm, settings.kills, settings.pause, rng, progress))
     return outcomes, time.monotonic() - started

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 from dvmm_core.boot.reread import make_reread_disk, parse_reread_output
@@ -38,7 +37,7 @@ from dvmm_core.control_cli import vm_dirs
 from dvmm_core.guest import GuestArtifacts
 from dvmm_core.guest.console import GuestConsole
 from dvmm_shared.control import ControlError, EventSubscriber, command
-from dvmm_shared.procs import log_tail, spawn, stop
+from dvmm_shared.procs import Started, log_tail, spawn, stop
 
 START_TIMEOUT = 120.0    # a VM booting to its first request (TCG boots Linux in ~4-10 s)
 GUEST_APPEND = "console=ttyS0 quiet loglevel=0 panic=-1"
@@ -80,24 +79,7 @@ def wait_for(what: str, ready: Any, vm: RecoveryVm, timeout: float = START_TIMEO
     return value
 
 
-class _Exits:
-    def __enter__(self) -> Any:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def start(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class CoreVm(_Exits):
+class CoreVm(Started):
     """``dvmm run`` with one dvmm blk backend serving the re-read disk."""
 
     name = "core"
@@ -177,7 +159,7 @@ class CoreVm(_Exits):
         return None
 
 
-class QemuVm(_Exits):
+class QemuVm(Started):
     """QEMU (TCG) + the Debian guest + a dvmm blk backend restarted here."""
 
     name = "qemu"

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dvmm_shared.control import ControlError
+from dvmm_shared.vhost_user.control_host import int_arg
 
 from .link import Link
 
@@ -94,7 +95,7 @@ class NetFaults:
     totals: dict[str, int] = field(default_factory=dict)   # frames hit, per mode
 
     def apply(self, kind: str, req: dict[str, Any]) -> dict[str, Any]:
-        count, ms = _int(req, "count", 1, MAX_COUNT), _int(req, "ms", 1, MAX_MS)
+        count, ms = int_arg(req, "count", 1, MAX_COUNT), int_arg(req, "ms", 1, MAX_MS)
         if kind == "link-flap":
             if ms is None:
                 raise ControlError("fault link-flap needs ms")
@@ -135,15 +136,6 @@ class NetFaults:
         if mode is not None:
             self.totals[mode] = self.totals.get(mode, 0) + 1
         return mode
-
-
-def _int(req: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = req.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ControlError(f"{key} must be an integer {lo}..{hi}")
-    return value
 
 
 def corrupt(frame: bytearray, hdr_len: int) -> None:

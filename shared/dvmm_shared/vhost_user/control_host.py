@@ -159,7 +159,7 @@ class BackendControl:
         return {"pid": os.getpid()}
 
     def _delay(self, req: dict[str, Any]) -> dict[str, Any]:
-        ms = _int_arg(req, "ms", 0, MAX_DELAY_MS)
+        ms = int_arg(req, "ms", 0, MAX_DELAY_MS)
         if ms is None:
             raise ControlError("fault delay needs ms (0 clears)")
         self.daemon.service_delay = ms / 1000
@@ -174,7 +174,7 @@ class BackendControl:
         op = req.get("op", "any")
         if not isinstance(op, str) or op not in ERROR_OPS:
             raise ControlError(f"fault error: op must be one of {', '.join(ERROR_OPS)}")
-        count = _int_arg(req, "count", 1, 1 << 32)
+        count = int_arg(req, "count", 1, 1 << 32)
         self.faults.inject_error(ERRNOS[name], op, count)
         return {"errno": name, "op": op, "count": count}
 
@@ -205,7 +205,7 @@ class BackendControl:
         return {}
 
 
-def _int_arg(req: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+def int_arg(req: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     """``req[key]`` as an int in ``lo..hi``, None when absent; anything else is refused."""
     value = req.get(key)
     if value is None:

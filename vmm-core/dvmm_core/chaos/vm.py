@@ -22,13 +22,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psutil
 from dvmm_shared.control import ControlError, EventSubscriber, command
 from dvmm_shared.inflight import queue_region_size
-from dvmm_shared.procs import log_tail, spawn, stop
+from dvmm_shared.procs import Started, log_tail, spawn, stop
 
 from .vmbase import View, VmError
 from .workload import SerialLog, check_writes, data_digest, make_disk
@@ -70,7 +69,7 @@ def _inflight_map(pid: int) -> mmap.mmap | None:
     return None
 
 
-class ChaosVm:
+class ChaosVm(Started):
     """One core VM for one campaign phase (a context manager)."""
 
     kind = "core"
@@ -90,18 +89,6 @@ class ChaosVm:
         self.screen: Any = None     # the display oracle (workload_display), with display
         self._map: mmap.mmap | None = None
         self._used_offset = 0
-
-    def __enter__(self) -> ChaosVm:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def targets(self) -> tuple[str, ...]:
         return ("blk0", "display0") if self.display else ("blk0",)

@@ -32,11 +32,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psutil
-from dvmm_shared.procs import log_tail, spawn, stop
+from dvmm_shared.procs import Started, log_tail, spawn, stop
 
 from dvmm_core.guest import build_guest
 from dvmm_core.guest.console import GuestConsole
@@ -57,7 +56,7 @@ _PASS = re.compile(r"^blkverify: pass (\d+)/\d+ .* verified (\d+) .* bad (\d+) e
                    re.M)
 
 
-class QemuChaosVm:
+class QemuChaosVm(Started):
     """One QEMU VM for (part of) a campaign; a context manager that stops every
     process it started, by pid."""
 
@@ -83,18 +82,6 @@ class QemuChaosVm:
         self.start_s = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
-    def __enter__(self) -> QemuChaosVm:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def targets(self) -> tuple[str, ...]:
         return tuple(t for w, t in WORKLOADS.items() if w in self.workloads)
 
