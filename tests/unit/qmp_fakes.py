@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dvmm_core.chaos.fuzz.qmp import FakeVm as FuzzFakeVm
 from dvmm_core.qmp.address import QmpAddress, bind
 from dvmm_core.qmp.commands import build_table
 from dvmm_core.qmp.protocol import QmpError
@@ -21,10 +22,12 @@ from dvmm_core.qmp.server import QmpServer
 from dvmm_core.qmp.session import QmpSession
 
 
-class FakeVm:
-    """The VmApi of a VM that runs nothing."""
+class FakeVm(FuzzFakeVm):
+    """The VmApi of a VM that runs nothing (the fuzzer's, recording what was
+    asked of it and publishing STOP/RESUME)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.name: str | None = "fake"
         self.uuid = "12345678-1234-1234-1234-123456789abc"
         self.state = "running"
@@ -53,28 +56,11 @@ class FakeVm:
     def system_reset(self) -> None:
         self.calls.append("system_reset")
 
-    def system_powerdown(self) -> None:
-        raise QmpError("this machine has no ACPI power button")
-
     def quit(self) -> None:
         self.calls.append("quit")
 
-    def cpus(self) -> list[dict[str, Any]]:
-        return [{"cpu-index": 0, "thread-id": 1, "target": "x86_64"}]
-
-    def block(self) -> list[dict[str, Any]]:
-        return [{"device": "blk0", "inserted": {"file": "/x.img", "ro": False}}]
-
-    def pci(self) -> list[dict[str, Any]]:
-        return [{"bus": 0, "slot": 0, "function": 0, "class_info": {"class": 0x600},
-                 "id": {"vendor": 0x8086, "device": 0x1237}, "regions": [], "qdev_id": ""}]
-
     def registers(self, cpu: int | None) -> str:
         return "RAX=0000000000000000\n"
-
-    def backends(self) -> list[dict[str, Any]]:
-        return [{"name": "blk0", "pid": 42, "state": "running", "restarts": 0,
-                 "rss": 1 << 20, "cpu-seconds": 0.5}]
 
     def backend_fault(self, name: str, action: str) -> dict[str, Any]:
         if name != "blk0":
