@@ -33,7 +33,7 @@ import psutil
 from dvmm_shared.control import ControlError
 
 from .schedule import Planned
-from .vmbase import ChaosVmKind, VmError
+from .vmbase import ChaosVmKind, VmError, poll_until
 
 FAMILIES = ("faults_io", "faults_net", "faults_container")
 
@@ -149,12 +149,7 @@ def _memlimit(vm: ChaosVmKind, p: Planned) -> Applied:
 
 def _wait(vm: ChaosVmKind, what: str, ready: Callable[[], bool],
           timeout: float = ARM_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        vm.check()
-        if time.monotonic() > deadline:
-            raise VmError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
+    poll_until(what, ready, vm.check, timeout)
 
 
 Injector = Callable[[ChaosVmKind, Planned], Applied]

@@ -44,7 +44,7 @@ from typing import Any
 
 from .faults import ARM_TIMEOUT, Applied, Injector
 from .schedule import Planned
-from .vmbase import ChaosVmKind, VmError
+from .vmbase import ChaosVmKind, VmError, poll_until
 
 POLL = 0.02
 #: Seconds a call fault waits for a call before asking whether the driver wants any.
@@ -53,12 +53,7 @@ CALL_WAIT = 2.0
 
 def _wait(vm: ChaosVmKind, what: str, ready: Callable[[], bool]) -> float:
     """Poll ``ready`` (deadline :data:`ARM_TIMEOUT`); the monotonic time it held."""
-    deadline = time.monotonic() + ARM_TIMEOUT
-    while not ready():
-        vm.check()
-        if time.monotonic() > deadline:
-            raise VmError(f"timed out after {ARM_TIMEOUT:.0f} s waiting for {what}")
-        time.sleep(POLL)
+    poll_until(what, ready, vm.check, ARM_TIMEOUT, POLL)
     return time.monotonic()
 
 

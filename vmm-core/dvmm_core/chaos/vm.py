@@ -29,7 +29,7 @@ from dvmm_shared.control import ControlError, EventSubscriber, command
 from dvmm_shared.inflight import queue_region_size
 from dvmm_shared.procs import Started, log_tail, spawn, stop
 
-from .vmbase import View, VmError
+from .vmbase import View, VmError, poll_until
 from .workload import SerialLog, check_writes, data_digest, make_disk
 
 __all__ = ["ChaosVm", "VmError"]
@@ -146,13 +146,7 @@ class ChaosVm(Started):
 
     # -- observing ----------------------------------------------------------------
     def wait(self, what: str, ready: Any, timeout: float = START_TIMEOUT) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (value := ready()):
-            self.check()
-            if time.monotonic() > deadline:
-                raise VmError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.02)
-        return value
+        return poll_until(what, ready, self.check, timeout)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -42,7 +42,7 @@ from dvmm_core.guest.console import GuestConsole
 
 from . import image_check
 from .backend_loop import BackendLoop
-from .vmbase import View, VmError
+from .vmbase import View, VmError, poll_until
 from .workload_net import GUEST_IP, HOST_IP, PORT, PREFIX, NetNamespace, NetStream
 
 WORKLOADS = {"blkverify": "blk0", "net-stream": "net0"}
@@ -183,13 +183,7 @@ class QemuChaosVm(Started):
 
     # -- observing ------------------------------------------------------------------
     def wait(self, what: str, ready: Any, timeout: float = START_TIMEOUT) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (value := ready()):
-            self.check()
-            if time.monotonic() > deadline:
-                raise VmError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.02)
-        return value
+        return poll_until(what, ready, self.check, timeout)
 
     def alive(self) -> bool:
         return self.qemu is not None and self.qemu.poll() is None

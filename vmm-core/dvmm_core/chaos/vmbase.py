@@ -14,6 +14,8 @@ kind is the name without its number (:func:`device_of`).
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +35,20 @@ class View:
     errors: dict[str, int] = field(default_factory=dict)     # per target: errors the guest saw
     mismatches: int = 0          # acknowledged data altered or lost: never allowed
     stopped: str | None = None   # a workload ended (it never should)
+
+
+def poll_until(what: str, ready: Callable[[], Any], check: Callable[[], None],
+               timeout: float, poll: float = 0.02) -> Any:
+    """Poll ``ready`` until it returns something true and return that; ``check``
+    (the VM's: raises :class:`VmError` if it died) runs between two looks, and
+    :class:`VmError` after ``timeout`` seconds names ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (value := ready()):
+        check()
+        if time.monotonic() > deadline:
+            raise VmError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+    return value
 
 
 def device_of(target: str) -> str:
